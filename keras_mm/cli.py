@@ -1,0 +1,131 @@
+"""``kmm``: the keras-mm command line.
+
+    kmm data image-text --source manifest|coco|tsv|webdataset --input PATH --out DIR [beam flags]
+    kmm data label-as-text --source digits|tfds|manifest --out DIR [beam flags]
+    kmm data tokenizer --dataset DIR --vocab_size N [beam flags]
+    kmm bench data [--out FILE]
+
+Every ``kmm data`` job passes flags it does not know to Apache Beam, so
+``--runner=DataflowRunner --project=P --region=R --temp_location=gs://...`` runs it on Dataflow.
+Bad flags and bad input end with a one-line ``kmm: error: ...`` and exit status 2; set
+``KMM_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+# module path -> one-line description; each module has run(argv) -> summary dict.
+DATA_JOBS: Dict[str, tuple] = {
+    "image-text": ("keras_mm.beam_jobs.image_text",
+                   "image-text TFRecords from a manifest, COCO JSON, URL TSV or WebDataset tars"),
+    "label-as-text": ("keras_mm.beam_jobs.label_as_text",
+                      "image-text TFRecords from a classification dataset (default: digits)"),
+    "tokenizer": ("keras_mm.beam_jobs.tokenizer",
+                  "train a SentencePiece tokenizer on a dataset's training captions"),
+}
+BENCHES: Dict[str, tuple] = {
+    "data": ("keras_mm.bench.data",
+             "Beam job records/s on the digits and tf.data examples/s at 224x224"),
+}
+
+
+class CliError(Exception):
+    """An error to report in one line."""
+
+
+def _quiet_logs() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("keras_mm").setLevel(logging.INFO)
+    for noisy in ("apache_beam", "absl", "tensorflow", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def print_summary(title: str, summary: Dict, out=sys.stdout) -> None:
+    """A readable two-column table of a (nested) summary dict."""
+    rows = []
+
+    def walk(prefix, value):
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            rows.append((prefix, value if not isinstance(value, float) else round(value, 4)))
+
+    walk("", summary)
+    width = max((len(k) for k, _ in rows), default=0)
+    print(f"\n== {title} ==", file=out)
+    for key, value in rows:
+        print(f"  {key.ljust(width)}  {value}", file=out)
+
+
+def _run_module(module: str, argv: Sequence[str], title: str, as_json: bool) -> Dict:
+    run: Callable = importlib.import_module(module).run
+    summary = run(list(argv))
+    if as_json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print_summary(title, summary)
+    return summary
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kmm", description="keras-mm: multimodal pretraining for TensorFlow / Keras 3.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `kmm COMMAND --help` (e.g. `kmm data label-as-text --help`) for details.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    data = sub.add_parser("data", help="Beam jobs that write TFRecord datasets",
+                          description="Beam jobs that write TFRecord datasets.")
+    data_sub = data.add_subparsers(dest="job", metavar="JOB")
+    for name, (_, text) in DATA_JOBS.items():
+        data_sub.add_parser(name, help=text, add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks printing JSON",
+                           description="Benchmarks; each prints one JSON object.")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH")
+    for name, (_, text) in BENCHES.items():
+        bench_sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_logs()
+    parser = _top_parser()
+    # Job-level flags belong to the job's own parser (Beam flags pass through there).
+    if len(argv) >= 2 and argv[0] == "data" and argv[1] in DATA_JOBS:
+        target, title = DATA_JOBS[argv[1]][0], f"kmm data {argv[1]}"
+    elif len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
+        target, title = BENCHES[argv[1]][0], f"kmm bench {argv[1]}"
+    else:
+        args = parser.parse_args(argv)  # prints help / a usage error and exits
+        if args.command is None:
+            parser.print_help()
+            return 0
+        parser.parse_args([args.command, "--help"])
+        return 0
+    try:
+        _run_module(target, argv[2:], title, as_json=argv[0] == "bench")
+    except SystemExit as e:  # --help from a job parser
+        return int(e.code or 0)
+    except KeyboardInterrupt:
+        print("kmm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user, traceback with KMM_DEBUG
+        if os.environ.get("KMM_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"kmm: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure ``dict -> dict`` preprocessing ops, each usable eagerly and inside tf.data."""
