@@ -9,6 +9,7 @@ A flag neither the job nor any Beam option class knows is an error, not a silent
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -21,14 +22,16 @@ class FlagError(ValueError):
     """A bad command-line flag; the CLI prints it as one line."""
 
 
-class _Parser(argparse.ArgumentParser):
+class ArgParser(argparse.ArgumentParser):
+    """argparse that raises FlagError instead of printing usage and exiting."""
+
     def error(self, message):  # argparse would print usage and sys.exit(2)
         raise FlagError(f"{self.prog}: {message}")
 
 
 def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser with the flags shared by all dataset jobs."""
-    parser = _Parser(
+    parser = ArgParser(
         prog=prog, description=description, allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Every Apache Beam pipeline option passes through unchanged, e.g. "
@@ -98,7 +101,7 @@ def parse_job_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]
     return args, options
 
 
-def run_pipeline(build: Callable, options: PipelineOptions) -> Dict:
+def run_pipeline(build: Callable, options: PipelineOptions, name: str = "job") -> Dict:
     """Build the pipeline with ``build(pipeline)``, run it to completion, time it.
 
     ``build`` returns nothing; the caller reads stats.json afterwards (it is written by the
@@ -106,10 +109,14 @@ def run_pipeline(build: Callable, options: PipelineOptions) -> Dict:
     """
     import apache_beam as beam
 
+    runner = options.get_all_options().get("runner") or "DirectRunner"
+    logging.getLogger(__name__).info("%s: running on %s ...", name, runner)
     start = time.time()
     with beam.Pipeline(options=options) as pipeline:
         build(pipeline)
-    return {"seconds": time.time() - start}
+    seconds = time.time() - start
+    logging.getLogger(__name__).info("%s: finished in %.1f s", name, seconds)
+    return {"seconds": seconds}
 
 
 def output_flags(args: argparse.Namespace) -> List[str]:

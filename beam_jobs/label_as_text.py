@@ -13,6 +13,9 @@ Sources (each a PTransform yielding (candidates, dead letters)):
              ClassLabel feature; the source's splits are kept (train / validation / test).
   manifest   JSONL lines ``{"image": PATH, "label": INT_OR_NAME}`` plus ``--classnames FILE``.
 
+``--label_dp_epsilon`` releases the training labels under eps-label differential privacy
+(randomized response, with a per-example prior if given; see label_dp.py).
+
     python -m keras_mm.beam_jobs.label_as_text --source digits --out /tmp/digits
     kmm data label-as-text --source digits --out /tmp/digits --runner=DataflowRunner ...
 """
@@ -40,6 +43,7 @@ TEMPLATE_SETS = ("digits_train", "digits_eval", "generic_train", "generic_eval",
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_TRAIN_FILE = "templates_train.txt"
 TEMPLATES_EVAL_FILE = "templates_eval.txt"
+LABEL_DP_FILE = "label_dp.json"
 
 
 def load_templates(name_or_path: str) -> List[str]:
@@ -280,6 +284,64 @@ class ReadLabelManifest(beam.PTransform):
         return out.candidates, out[rec.DEAD_LETTERS]
 
 
+class _ApplyLabelDP(beam.DoFn):
+    """Training candidates get a label drawn by RR(-with-prior); other splits pass unchanged.
+
+    The true label of a training example is not written anywhere: captions are rebuilt from the
+    released label. Priors (optional side input) map an id to a distribution over classes.
+    """
+
+    def __init__(self, class_names, train_templates, epsilon: float, seed: int):
+        self._names = list(class_names)
+        self._train = list(train_templates)
+        self._epsilon = float(epsilon)
+        self._seed = int(seed)
+        self._changed = beam.metrics.Metrics.counter(rec.METRICS_NAMESPACE, "label_dp/changed")
+
+    def process(self, candidate: rec.Candidate, priors=None):
+        import dataclasses
+
+        from keras_mm.beam_jobs import label_dp
+
+        if candidate.split != "train" or candidate.label is None or not (
+                0 <= candidate.label < len(self._names)):
+            yield candidate
+            return
+        prior = (priors or {}).get(candidate.id)
+        label = label_dp.randomize_label(candidate.label, len(self._names), self._epsilon,
+                                         candidate.id, self._seed, prior)
+        if label != candidate.label:
+            self._changed.inc()
+        name = self._names[label]
+        yield dataclasses.replace(candidate, label=label, label_name=name,
+                                  captions=captions_for(name, "train", self._train, ()))
+
+
+def _parse_prior(line: str):
+    obj = json.loads(line)
+    return str(obj["id"]), [float(v) for v in obj["prior"]]
+
+
+class LabelDP(beam.PTransform):
+    """(candidates, dead letters) -> the same with eps-LabelDP training labels."""
+
+    def __init__(self, class_names, train_templates, epsilon, seed, prior_file=None):
+        super().__init__()
+        self._fn = _ApplyLabelDP(class_names, train_templates, epsilon, seed)
+        self._prior_file = prior_file
+
+    def expand(self, pcolls):
+        candidates, dead = pcolls
+        if self._prior_file:
+            priors = (candidates.pipeline | "ReadPriors" >> beam.io.ReadFromText(self._prior_file)
+                      | "ParsePriors" >> beam.Map(_parse_prior))
+            out = candidates | "RandomizeLabels" >> beam.ParDo(
+                self._fn, priors=beam.pvalue.AsDict(priors))
+        else:
+            out = candidates | "RandomizeLabels" >> beam.ParDo(self._fn)
+        return out, dead
+
+
 def read_lines(path: str) -> List[str]:
     if not FileSystems.exists(path):
         raise job_flags.FlagError(f"file not found: {path}")
@@ -305,6 +367,14 @@ def build_parser():
                        help="eval templates (default: digits_eval for digits, else "
                             "generic_eval; clip_imagenet_80 = CLIP's 80 ImageNet prompts)")
     group.add_argument("--limit", type=int, default=0, help="digits: use only the first N")
+    group = parser.add_argument_group("label differential privacy (training split only)")
+    group.add_argument("--label_dp_epsilon", type=float, default=0.0,
+                       help="if > 0, release training labels with eps-LabelDP randomized "
+                            "response (RR-with-prior when --label_dp_prior is given)")
+    group.add_argument("--label_dp_prior", default=None,
+                       help="JSONL of {\"id\": ..., \"prior\": [p_0, ..., p_K-1]} per example; "
+                            "ids without a line use a uniform prior")
+    group.add_argument("--label_dp_seed", type=int, default=0)
     parser.set_defaults(records_per_shard=1000)
     return parser
 
@@ -340,11 +410,19 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
         source = ReadLabelManifest(args.input, class_names, train_templates, eval_templates,
                                    fractions)
 
+    if args.label_dp_epsilon < 0:
+        raise job_flags.FlagError("--label_dp_epsilon must be >= 0 (0 = off)")
+    if args.label_dp_prior and not FileSystems.exists(args.label_dp_prior):
+        raise job_flags.FlagError(f"--label_dp_prior not found: {args.label_dp_prior}")
     extra_files = {
         CLASSNAMES_FILE: "\n".join(class_names) + "\n",
         TEMPLATES_TRAIN_FILE: "\n".join(train_templates) + "\n",
         TEMPLATES_EVAL_FILE: "\n".join(eval_templates) + "\n",
     }
+    if args.label_dp_epsilon > 0:
+        extra_files[LABEL_DP_FILE] = json.dumps({
+            "epsilon": args.label_dp_epsilon, "seed": args.label_dp_seed, "splits": ["train"],
+            "mechanism": "rr_with_prior" if args.label_dp_prior else "randomized_response"})
     train_captions = None
     if args.vocab_size > 0:
         from keras_mm.beam_jobs.tokenizer import TrainTokenizer
@@ -353,6 +431,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
 
     def build(pipeline):
         pcolls = pipeline | "Source" >> source
+        if args.label_dp_epsilon > 0:
+            pcolls = pcolls | "LabelDP" >> LabelDP(class_names, train_templates,
+                                                   args.label_dp_epsilon, args.label_dp_seed,
+                                                   args.label_dp_prior)
         _ = pcolls | "BuildDataset" >> dataset_writer.BuildDataset(
             args.out, features.LABEL_AS_TEXT, class_names=class_names,
             split_fractions=fractions, records_per_shard=args.records_per_shard,
@@ -361,7 +443,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
             description=f"label-as-text from {args.source} ({len(class_names)} classes)")
 
     start = time.time()
-    job_flags.run_pipeline(build, options)
+    job_flags.run_pipeline(build, options, name=f"label-as-text ({args.source} -> {args.out})")
     seconds = time.time() - start
     stats = dataset_writer.read_stats(args.out)
     return {"job": "label-as-text", "source": args.source, "out": args.out,

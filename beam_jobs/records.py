@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
+import time
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -23,6 +25,7 @@ from keras_mm.pipelines import features
 from keras_mm.pipelines.ops.text import normalize_text_py
 
 METRICS_NAMESPACE = "kmm"
+PROGRESS_EVERY = 1000
 DEAD_LETTERS = "dead_letters"
 
 # Why a record was rejected. Stable strings: they appear in stats.json and dead-letter files.
@@ -227,8 +230,21 @@ class ToRecord(beam.DoFn):
         self._options = options
         self._ok = Metrics.counter(METRICS_NAMESPACE, "validated")
         self._bytes = Metrics.distribution(METRICS_NAMESPACE, "image_bytes")
+        self._seen = 0
+        self._started = None
+
+    def _progress(self):
+        """A log line every PROGRESS_EVERY candidates seen by this worker."""
+        self._seen += 1
+        if self._started is None:
+            self._started = time.time()
+        if self._seen % PROGRESS_EVERY == 0:
+            rate = self._seen / max(time.time() - self._started, 1e-9)
+            logging.getLogger(__name__).info("validated %d candidates (%.0f/s on this worker)",
+                                             self._seen, rate)
 
     def process(self, candidate: Candidate):
+        self._progress()
         src = candidate.source or candidate.image_uri or candidate.id
         captions = clean_captions(candidate.captions, self._options.max_captions)
         if not captions:

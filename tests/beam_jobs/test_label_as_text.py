@@ -93,7 +93,6 @@ def test_split_is_deterministic_by_id(digits_dir):
         assert split == dataset_writer.assign_split(r[features.ID], (0.8, 0.1, 0.1))
 
 
-@pytest.mark.slow
 def test_multi_processing_runner_writes_the_same_records(digits_dir, tmp_path):
     out, _ = digits_dir
     other = str(tmp_path / "mp")

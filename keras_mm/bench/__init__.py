@@ -1,0 +1,1 @@
+"""Benchmarks behind ``kmm bench``; each module has ``run(argv) -> dict`` (printed as JSON)."""
