@@ -29,15 +29,22 @@ class ArgParser(argparse.ArgumentParser):
         raise FlagError(f"{self.prog}: {message}")
 
 
-def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """A parser with the flags shared by all dataset jobs."""
-    parser = ArgParser(
-        prog=prog, description=description, allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="Every Apache Beam pipeline option passes through unchanged, e.g. "
+BEAM_EPILOG = ("Every Apache Beam pipeline option passes through unchanged, e.g. "
                "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp "
                "--setup_file=./setup.py, or --direct_running_mode=multi_processing "
                "--direct_num_workers=2 on the default DirectRunner.")
+
+
+def beam_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A strict parser (FlagError, no exit) whose help says Beam options pass through."""
+    return ArgParser(prog=prog, description=description, allow_abbrev=False,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     epilog=BEAM_EPILOG)
+
+
+def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with the flags shared by all dataset jobs."""
+    parser = beam_parser(prog, description)
     group = parser.add_argument_group("output")
     group.add_argument("--out", required=True, help="dataset folder to write (local or gs://)")
     group.add_argument("--split_fractions", default="0.8,0.1,0.1",
@@ -47,6 +54,10 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     group.add_argument("--vocab_size", type=int, default=0,
                        help="if > 0, also train a SentencePiece tokenizer of this size on the "
                             "training captions and store tokenizer.model")
+    group.add_argument("--tokenizer_model_type", choices=("unigram", "bpe"), default=None,
+                       help="SentencePiece model type for --vocab_size (default: bpe for "
+                            "label-as-text, whose template captions unigram splits into "
+                            "letters; unigram for image-text)")
     group = parser.add_argument_group("image validation")
     defaults = rec.ImageOptions()
     group.add_argument("--min_side", type=int, default=defaults.min_side,

@@ -427,7 +427,9 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.vocab_size > 0:
         from keras_mm.beam_jobs.tokenizer import TrainTokenizer
 
-        train_captions = TrainTokenizer(args.out, args.vocab_size)
+        train_captions = TrainTokenizer(
+            args.out, args.vocab_size,
+            model_type=args.tokenizer_model_type or "bpe")
 
     def build(pipeline):
         pcolls = pipeline | "Source" >> source

@@ -1,0 +1,389 @@
+"""Train / eval ``tf.data`` pipelines from a dataset folder (DESIGN.md, data contract) and a config.
+
+A dataset folder holds ``{split}.tfrecord-{i:05d}-of-{n:05d}`` shards of image-text or
+label-as-text records (label-as-text folders also hold ``classnames.txt``) and usually
+``tokenizer.model``. Batches are dicts:
+
+==========  ==============================  ==================================================
+key         dtype / shape                   what
+==========  ==============================  ==================================================
+image       float32 ``[B, S, S, 3]``        preprocessed image (``InputConfig.value_range``)
+text        int32 ``[B, L]``                one caption (train: ``train_caption``; eval: first)
+texts       int32 ``[B, K, L]``             eval with ``eval_texts="all"``: K =
+                                            ``eval_max_texts`` captions, missing ones all PAD
+num_texts   int32 ``[B]``                   eval with ``eval_texts="all"``: captions present
+id          string ``[B]``                  record id
+label       int64 ``[B]``                   label-as-text datasets only
+==========  ==============================  ==================================================
+
+Everything in the map functions is TensorFlow ops (no ``py_function``). Random augmentation is
+stateless, from a per-example seed ``_seed`` derived from ``InputConfig.seed``, the input
+pipeline id and the example's position in the (shuffled) stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import tensorflow as tf
+
+from keras_mm.pipelines import features as F
+from keras_mm.pipelines.ops import augment as augment_ops
+from keras_mm.pipelines.ops import image as image_ops
+from keras_mm.pipelines.ops import text as text_ops
+from keras_mm.pipelines.tokenizer import PAD_ID, Tokenizer
+
+AUTOTUNE = tf.data.AUTOTUNE
+TOKENIZER_FILE = "tokenizer.model"
+CLASSNAMES_FILE = "classnames.txt"
+
+AUGMENTS = ("none", "crop_flip", "randaugment")
+EVAL_MODES = ("center_crop", "resize")
+VALUE_RANGES = ("-1_1", "0_1", "imagenet")
+
+
+@dataclasses.dataclass
+class InputConfig:
+    """How to turn a dataset folder into batches (recipes embed one).
+
+    Attributes:
+      image_size: output side S of the square images.
+      augment: training image transform: "none" (plain resize; digits must not be cropped or
+        flipped), "crop_flip" (random resized crop + horizontal flip), "randaugment"
+        (crop_flip, then RandAugment).
+      randaugment_layers, randaugment_magnitude: RandAugment N and M (M in [0, 10]).
+      crop_scale: area fraction range of the random resized crop.
+      crop_ratio: aspect ratio (width / height) range of the random resized crop.
+      eval_mode: "center_crop" (resize the short side to S / eval_resize_ratio, crop the central
+        S x S) or "resize" (plain resize to S x S).
+      eval_resize_ratio: see eval_mode (0.875 is the usual ImageNet choice; 1 crops the largest
+        central square).
+      value_range: "-1_1", "0_1" (uint8 scaled linearly) or "imagenet" (ImageNet mean / std).
+      max_text_len: token sequence length L.
+      add_bos: start token sequences with BOS (decoders); EOS always ends them.
+      train_caption: "random" (one caption per example, uniformly) or "first".
+      eval_texts: "first" (``text`` [B, L]) or "all" (``texts`` [B, K, L] + ``num_texts``).
+      eval_max_texts: K for eval_texts="all".
+      batch_size: global batch size (per replica: divided by the replicas of an input context).
+      shuffle_buffer: examples in the shuffle buffer (training).
+      seed: seed of file order, shuffling and augmentation.
+      cycle_length: files read concurrently (training).
+      block_length: consecutive records taken from each file (training).
+      num_parallel_calls: parallel map calls (-1 = AUTOTUNE).
+      drop_remainder: drop the last incomplete training batch (eval always keeps it).
+      cache: cache the raw serialized records in memory after the first pass.
+      repeat: repeat the training data forever.
+      resize_antialias: antialias when downscaling (better for large photos, slower).
+    """
+
+    image_size: int = 224
+    augment: str = "crop_flip"
+    randaugment_layers: int = 2
+    randaugment_magnitude: float = 10.0
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    eval_mode: str = "center_crop"
+    eval_resize_ratio: float = 0.875
+    value_range: str = "-1_1"
+    max_text_len: int = 64
+    add_bos: bool = False
+    train_caption: str = "random"
+    eval_texts: str = "first"
+    eval_max_texts: int = 5
+    batch_size: int = 256
+    shuffle_buffer: int = 10_000
+    seed: int = 0
+    cycle_length: int = 16
+    block_length: int = 1
+    num_parallel_calls: int = -1
+    drop_remainder: bool = True
+    cache: bool = False
+    repeat: bool = True
+    resize_antialias: bool = False
+
+    def __post_init__(self):
+        self.crop_scale = tuple(self.crop_scale)
+        self.crop_ratio = tuple(self.crop_ratio)
+        checks = [
+            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
+            (self.eval_mode in EVAL_MODES,
+             f"eval_mode must be one of {EVAL_MODES}, got {self.eval_mode!r}"),
+            (self.value_range in VALUE_RANGES,
+             f"value_range must be one of {VALUE_RANGES}, got {self.value_range!r}"),
+            (self.train_caption in ("random", "first"),
+             f"train_caption must be 'random' or 'first', got {self.train_caption!r}"),
+            (self.eval_texts in ("first", "all"),
+             f"eval_texts must be 'first' or 'all', got {self.eval_texts!r}"),
+            (self.image_size > 0, f"image_size must be positive, got {self.image_size}"),
+            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (self.max_text_len >= 2 + int(self.add_bos),
+             f"max_text_len={self.max_text_len} is too short"),
+            (self.eval_max_texts > 0, "eval_max_texts must be positive"),
+            (0.0 < self.eval_resize_ratio <= 1.0, "eval_resize_ratio must be in (0, 1]"),
+            (0.0 <= self.randaugment_magnitude <= 10.0, "randaugment_magnitude must be in [0, 10]"),
+            (len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
+             f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {self.crop_scale}"),
+            (len(self.crop_ratio) == 2 and 0.0 < self.crop_ratio[0] <= self.crop_ratio[1],
+             f"crop_ratio must be (min, max) with 0 < min <= max, got {self.crop_ratio}"),
+            (self.shuffle_buffer >= 1, "shuffle_buffer must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"InputConfig: {message}")
+
+
+# ------------------------------------------------------------------------------ folder access
+
+
+def split_files(folder: str, split: str) -> List[str]:
+    """The sorted shard paths of ``split`` in ``folder``.
+
+    Raises:
+      FileNotFoundError: the folder does not exist.
+      ValueError: the split has no shard.
+    """
+    if not tf.io.gfile.isdir(folder):
+        raise FileNotFoundError(f"dataset folder {folder!r} does not exist")
+    files = sorted(tf.io.gfile.glob(os.path.join(folder, f"{split}.tfrecord-*")))
+    if not files:
+        raise ValueError(f"dataset folder {folder!r} has no shard of split {split!r} "
+                         f"(expected {split}.tfrecord-00000-of-000NN files)")
+    return files
+
+
+def detect_kind(folder: str) -> str:
+    """``label_as_text`` when the folder holds ``classnames.txt``, else ``image_text``."""
+    if tf.io.gfile.exists(os.path.join(folder, CLASSNAMES_FILE)):
+        return F.LABEL_AS_TEXT
+    return F.IMAGE_TEXT
+
+
+def load_tokenizer(folder: str, config: InputConfig) -> Tokenizer:
+    """``<folder>/tokenizer.model`` with the config's sequence settings."""
+    path = os.path.join(folder, TOKENIZER_FILE)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(
+            f"dataset folder {folder!r} has no {TOKENIZER_FILE}; train one "
+            f"(python -m keras_mm.beam_jobs.tokenizer --dataset {folder}) or pass a tokenizer")
+    return Tokenizer.from_file(path, max_len=config.max_text_len, add_bos=config.add_bos,
+                               add_eos=True)
+
+
+# ------------------------------------------------------------------------------ preprocessing
+
+
+def _value_range_op(config: InputConfig):
+    if config.value_range == "imagenet":
+        return image_ops.normalize_imagenet()
+    if config.value_range == "0_1":
+        return image_ops.value_range(0.0, 1.0)
+    return image_ops.value_range(-1.0, 1.0)
+
+
+def train_image_ops(config: InputConfig) -> image_ops.Op:
+    """``image/encoded`` -> ``image`` float32 ``[S, S, 3]`` for training (needs ``_seed``)."""
+    size = config.image_size
+    antialias = config.resize_antialias
+    ops = [image_ops.decode()]
+    if config.augment == "none":
+        ops.append(image_ops.resize(size, antialias=antialias))
+    else:
+        ops.append(image_ops.random_resized_crop(size, scale=config.crop_scale,
+                                                 ratio=config.crop_ratio, antialias=antialias))
+        ops.append(image_ops.random_flip_lr())
+        if config.augment == "randaugment":
+            ops.append(augment_ops.randaugment(config.randaugment_layers,
+                                               config.randaugment_magnitude))
+    ops.append(_value_range_op(config))
+    return image_ops.compose(*ops)
+
+
+def eval_image_ops(config: InputConfig) -> image_ops.Op:
+    """``image/encoded`` -> ``image`` float32 ``[S, S, 3]`` for evaluation (deterministic)."""
+    size = config.image_size
+    ops = [image_ops.decode()]
+    if config.eval_mode == "resize":
+        ops.append(image_ops.resize(size, antialias=config.resize_antialias))
+    else:
+        ops.append(image_ops.resize_center_crop(size, config.eval_resize_ratio,
+                                                antialias=config.resize_antialias))
+    ops.append(_value_range_op(config))
+    return image_ops.compose(*ops)
+
+
+def _select(features: Dict[str, tf.Tensor], kind: str, extra: Tuple[str, ...] = ()):
+    keys = ("image", "text", F.ID) + extra
+    if kind == F.LABEL_AS_TEXT:
+        keys += (F.LABEL,)
+    return {k: features[k] for k in keys}
+
+
+def _train_preprocess(kind: str, config: InputConfig, tokenizer: Tokenizer):
+    images = train_image_ops(config)
+    caption = text_ops.choose_caption(config.train_caption, key=F.TEXTS, out_key="text")
+    tokenize = text_ops.tokenize(tokenizer, config.max_text_len, key="text",
+                                 add_bos=config.add_bos, add_eos=True)
+
+    def fn(seed, serialized):
+        features = dict(F.parse(serialized, kind))
+        features[image_ops.SEED_KEY] = seed
+        features = tokenize(caption(images(features)))
+        return _select(features, kind)
+
+    return fn
+
+
+def _eval_preprocess(kind: str, config: InputConfig, tokenizer: Tokenizer):
+    images = eval_image_ops(config)
+    max_len = config.max_text_len
+
+    def fn(serialized):
+        features = images(dict(F.parse(serialized, kind)))
+        texts = features[F.TEXTS]                                          # [K0]
+        if config.eval_texts == "first":
+            features["text"] = tokenizer.tokenize(texts[0], max_len, add_bos=config.add_bos,
+                                                  add_eos=True)            # [L]
+            return _select(features, kind)
+        k = config.eval_max_texts
+        num = tf.minimum(tf.shape(texts)[0], k)
+        ids = tokenizer.tokenize(texts[:k], max_len, add_bos=config.add_bos, add_eos=True)
+        ids = tf.pad(ids, [[0, k - num], [0, 0]], constant_values=PAD_ID)  # [K, L]
+        features["texts"] = tf.ensure_shape(ids, [k, max_len])
+        features["num_texts"] = num
+        features["text"] = ids[0]
+        return _select(features, kind, ("texts", "num_texts"))
+
+    return fn
+
+
+# ------------------------------------------------------------------------------ datasets
+
+
+def train_dataset(folder: str, config: InputConfig, tokenizer: Optional[Tokenizer] = None,
+                  input_context: Optional[tf.distribute.InputContext] = None,
+                  split: str = "train") -> tf.data.Dataset:
+    """Shuffled, augmented, (by default) repeated training batches.
+
+    With ``input_context`` (``strategy.distribute_datasets_from_function``) this pipeline reads
+    only the shard files ``input_pipeline_id::num_input_pipelines`` (records
+    ``input_pipeline_id::num_input_pipelines`` when there are fewer files than pipelines) and
+    yields per-replica batches of ``config.batch_size / num_replicas_in_sync``; tf.data
+    auto-sharding is off then.
+
+    Returns:
+      batches ``{"image": float32 [B, S, S, 3], "text": int32 [B, L], "id": string [B]
+      (, "label": int64 [B])}``.
+    """
+    files = split_files(folder, split)
+    kind = detect_kind(folder)
+    tokenizer = tokenizer or load_tokenizer(folder, config)
+    batch_size = config.batch_size
+    pipeline_id, num_pipelines = 0, 1
+    shard_records = False
+    if input_context is not None:
+        batch_size = input_context.get_per_replica_batch_size(config.batch_size)
+        pipeline_id = input_context.input_pipeline_id
+        num_pipelines = input_context.num_input_pipelines
+        if len(files) >= num_pipelines:
+            files = files[pipeline_id::num_pipelines]
+        else:
+            shard_records = num_pipelines > 1
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    ds = ds.shuffle(len(files), seed=config.seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=max(1, min(config.cycle_length, len(files))),
+        block_length=config.block_length,
+        num_parallel_calls=AUTOTUNE,
+        deterministic=False)
+    if shard_records:
+        ds = ds.shard(num_pipelines, pipeline_id)
+    if config.cache:
+        ds = ds.cache()
+    if config.repeat:
+        ds = ds.repeat()
+    ds = ds.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
+
+    base_seed = tf.constant([config.seed, pipeline_id], tf.int64)
+
+    def with_seed(index, serialized):
+        return tf.random.experimental.stateless_fold_in(base_seed, index), serialized
+
+    ds = ds.enumerate().map(with_seed)
+    ds = ds.map(_train_preprocess(kind, config, tokenizer),
+                num_parallel_calls=config.num_parallel_calls, deterministic=False)
+    ds = ds.batch(batch_size, drop_remainder=config.drop_remainder)
+    ds = ds.prefetch(AUTOTUNE)
+
+    options = tf.data.Options()
+    options.deterministic = False
+    if input_context is not None:
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options)
+
+
+def eval_dataset(folder: str, split: str, config: InputConfig,
+                 tokenizer: Optional[Tokenizer] = None) -> tf.data.Dataset:
+    """Evaluation batches in a fixed order (shards sorted, records in file order), no shuffle,
+    no repeat, last batch kept (it may be smaller than ``config.batch_size``).
+
+    Returns:
+      batches ``{"image": float32 [B, S, S, 3], "text": int32 [B, L], "id": string [B]
+      (, "label": int64 [B]) (, "texts": int32 [B, K, L], "num_texts": int32 [B])}``.
+    """
+    files = split_files(folder, split)
+    kind = detect_kind(folder)
+    tokenizer = tokenizer or load_tokenizer(folder, config)
+    ds = tf.data.TFRecordDataset(files)
+    if config.cache:
+        ds = ds.cache()
+    ds = ds.map(_eval_preprocess(kind, config, tokenizer),
+                num_parallel_calls=config.num_parallel_calls, deterministic=True)
+    ds = ds.batch(config.batch_size, drop_remainder=False)
+    ds = ds.prefetch(AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def benchmark_dataset(dataset: tf.data.Dataset, num_batches: int = 100,
+                      warmup: int = 10) -> Dict[str, Any]:
+    """Iterates ``warmup`` batches untimed, then times ``num_batches`` batches (fewer if the
+    dataset ends).
+
+    Returns:
+      ``{"examples_per_second", "batches_per_second", "examples", "batches", "seconds"}``;
+      examples are counted from the leading dimension of the batch's first tensor.
+    """
+    if num_batches < 1 or warmup < 0:
+        raise ValueError("benchmark_dataset needs num_batches >= 1 and warmup >= 0")
+    iterator = iter(dataset)
+    for _ in range(warmup):
+        try:
+            next(iterator)
+        except StopIteration:
+            raise ValueError(f"dataset ended during the {warmup} warm-up batches") from None
+    examples = batches = 0
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        first = tf.nest.flatten(batch)[0]
+        examples += int(first.shape[0]) if first.shape.rank else 1
+        batches += 1
+    seconds = time.perf_counter() - start
+    if batches == 0:
+        raise ValueError("dataset yielded no batch after the warm-up")
+    return {
+        "examples_per_second": examples / seconds if seconds > 0 else float("inf"),
+        "batches_per_second": batches / seconds if seconds > 0 else float("inf"),
+        "examples": examples,
+        "batches": batches,
+        "seconds": seconds,
+    }
