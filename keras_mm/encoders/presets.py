@@ -1,0 +1,122 @@
+"""Encoder presets by name, resolved here and nowhere else.
+
+Families:
+
+* ``"vit"`` - image towers (``ViTEncoder`` kwargs), sizes of Dosovitskiy et al. 2021 Table 1:
+
+  ====== ===== ===== ===== ===== ======= =========
+  name   image patch width depth heads   mlp_dim
+  ====== ===== ===== ===== ===== ======= =========
+  tiny   64    8     192   4     3       768
+  s16    224   16    384   12    6       1536
+  b16    224   16    768   12    12      3072
+  l16    224   16    1024  24    16      4096
+  ====== ===== ===== ===== ===== ======= =========
+
+* ``"text"`` - text towers (``TextEncoder`` kwargs). We follow SigLIP (Zhai et al. 2023) and LiT:
+  the text tower has the image tower's width / depth / heads / MLP (big_vision ``txt.variant`` =
+  the image variant), 64 tokens and a 32k vocabulary, bidirectional and pooled at the last token.
+  Reasons: SigLIP is the method of the demo and of the benchmark against keras-hub's
+  ``SigLIPBackbone`` (same sizes), and equal widths let one embedding width serve both towers.
+  CLIP (Radford et al. 2021) instead used a 63M-parameter text transformer (width 512, 8 heads,
+  12 layers, 77 tokens, 49 408 BPE tokens, causal, pooled at EOS) for every image tower up to
+  ViT-B/16; that exact tower is the extra preset ``clip_b16``.
+  ``tiny`` has 16 tokens and a 1000-token vocabulary (the tokenizer job's default size); give
+  ``vocab_size=`` from the trained tokenizer.
+
+* ``"two_tower"`` - an image preset, a text preset and the shared embedding width;
+  ``two_tower_config(name, style)`` adds the heads and pooling of SigLIP (MAP image pooling with
+  no image projection - the MAP output is the embedding - and a linear text head, as big_vision's
+  ``out_dim=(None, width)`` and keras-hub) or CLIP (class token and EOS pooling, bias-free linear
+  projections on both towers).
+
+Every getter returns a fresh dict; keyword overrides replace preset values, so
+``vit_config("b16", pool="map", remat=True)`` is the ViT-B/16 with a MAP head and
+gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import copy
+
+VIT = {
+    "tiny": dict(image_size=64, patch_size=8, width=192, depth=4, heads=3, mlp_dim=768),
+    "s16": dict(image_size=224, patch_size=16, width=384, depth=12, heads=6, mlp_dim=1536),
+    "b16": dict(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072),
+    "l16": dict(image_size=224, patch_size=16, width=1024, depth=24, heads=16, mlp_dim=4096),
+}
+
+TEXT = {
+    "tiny": dict(vocab_size=1000, max_len=16, width=192, depth=4, heads=3, mlp_dim=768),
+    "s16": dict(vocab_size=32_000, max_len=64, width=384, depth=12, heads=6, mlp_dim=1536),
+    "b16": dict(vocab_size=32_000, max_len=64, width=768, depth=12, heads=12, mlp_dim=3072),
+    "l16": dict(vocab_size=32_000, max_len=64, width=1024, depth=24, heads=16, mlp_dim=4096),
+    "clip_b16": dict(vocab_size=49_408, max_len=77, width=512, depth=12, heads=8, mlp_dim=2048,
+                     causal=True, pool="eos", layer_norm_epsilon=1e-5),
+}
+
+TWO_TOWER = {
+    "tiny": dict(image="tiny", text="tiny", embed_dim=192),
+    "s16": dict(image="s16", text="s16", embed_dim=384),
+    "b16": dict(image="b16", text="b16", embed_dim=768),
+    "l16": dict(image="l16", text="l16", embed_dim=1024),
+    "clip_b16": dict(image="b16", text="clip_b16", embed_dim=512, style="clip"),
+}
+
+FAMILIES = {"vit": VIT, "text": TEXT, "two_tower": TWO_TOWER}
+STYLES = ("siglip", "clip")
+
+
+def names(family):
+    """The preset names of a family (``"vit"``, ``"text"``, ``"two_tower"``)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown preset family {family!r}; valid: {sorted(FAMILIES)}")
+    return sorted(FAMILIES[family])
+
+
+def _lookup(family, name):
+    table = FAMILIES[family]
+    if name not in table:
+        raise ValueError(f"unknown {family} preset {name!r}; valid names: "
+                         f"{', '.join(sorted(table))}")
+    return copy.deepcopy(table[name])
+
+
+def vit_config(name, **overrides):
+    """``ViTEncoder`` kwargs of an image preset, with overrides."""
+    return {**_lookup("vit", name), **overrides}
+
+
+def text_config(name, **overrides):
+    """``TextEncoder`` kwargs of a text preset, with overrides."""
+    return {**_lookup("text", name), **overrides}
+
+
+def two_tower_config(name, style=None, image_overrides=None, text_overrides=None):
+    """``{"image": ViTEncoder kwargs, "text": TextEncoder kwargs, "embed_dim": int}``.
+
+    ``style="siglip"``: image pooled by MAP with no projection (embedding width = image width),
+    text bidirectional, pooled at the last token, linear head to ``embed_dim``.
+    ``style="clip"``: image pooled at the class token, text causal pooled at EOS, both with a
+    bias-free linear projection to ``embed_dim``. Default: the preset's style (``clip_b16``:
+    CLIP, the others: SigLIP).
+    """
+    entry = _lookup("two_tower", name)
+    style = style or entry.pop("style", "siglip")
+    entry.pop("style", None)
+    if style not in STYLES:
+        raise ValueError(f"unknown two-tower style {style!r}; valid: {', '.join(STYLES)}")
+    embed = entry["embed_dim"]
+    image = vit_config(entry["image"])
+    text = text_config(entry["text"])
+    if style == "siglip":
+        if embed != image["width"]:
+            image.update(output_dim=embed)
+        image.update(pool="map")
+        text.update(causal=False, pool="last", output_dim=embed)
+    else:
+        image.update(pool="cls", output_dim=embed, head_bias=False)
+        text.update(causal=True, pool="eos", output_dim=embed, head_bias=False)
+    image.update(image_overrides or {})
+    text.update(text_overrides or {})
+    return {"image": image, "text": text, "embed_dim": embed}

@@ -1,0 +1,96 @@
+"""CLIP's softmax contrastive loss (symmetric InfoNCE) over a possibly global batch.
+
+Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision", Fig. 3 and
+Sec. 2.5; the same form is CoCa's L_Con (Yu et al. 2022, Eq. 1). For L2-normalised image embeddings x_i
+and text embeddings y_j of a batch of G pairs and a logit scale s = min(exp(log_scale), 100):
+
+    L = 1 / (2G) * sum_i [ -log softmax_j(s x_i . y_j)[i]  -  log softmax_j(s y_i . x_j)[i] ]
+
+i.e. the mean of the image->text and the text->image cross-entropies.
+
+Data-parallel form: a replica that holds N local pairs (its rows of the global batch, starting at row
+``label_offset``) and the gathered G x D embeddings of both towers computes only its own 2N rows of the
+sum above and divides by 2G. That value is the replica's additive *share*: the shares of all replicas sum
+to the global-batch loss, and the gradients of the shares, summed over replicas (what Keras' TensorFlow
+optimizer does under tf.distribute), are the gradients of the global-batch loss. On one device (or under a
+jitted JAX step over global arrays) N == G, the offset is 0 and the share is the loss itself.
+
+Everything is computed in float32 whatever the input dtype (mixed precision).
+"""
+
+import math
+
+from keras import ops
+
+CLIP_MAX_LOGIT_SCALE = 100.0
+
+
+def logit_scale(log_scale, max_scale=CLIP_MAX_LOGIT_SCALE):
+    """s = exp(log_scale), clipped at ``max_scale`` (CLIP: 100). float32 scalar.
+
+    The clip is applied to the log-scale, so its gradient is zero while clipped, as when the parameter
+    itself is clamped after each step (open_clip, CLIP). ``max_scale=None`` disables the clip.
+    """
+    log_scale = ops.cast(log_scale, "float32")
+    if max_scale is not None:
+        log_scale = ops.minimum(log_scale, math.log(max_scale))
+    return ops.exp(log_scale)
+
+
+def _local_labels(num_rows, label_offset):
+    """[N] int32: the global column of each local row's positive, label_offset + i."""
+    return ops.arange(num_rows, dtype="int32") + ops.cast(label_offset, "int32")
+
+
+def _cross_entropy_sum(logits, labels):
+    """sum_i (logsumexp_j logits[i, j] - logits[i, labels[i]]); logits [N, M] float32, labels [N]."""
+    positive = ops.take_along_axis(logits, ops.expand_dims(labels, 1), axis=1)[:, 0]  # [N]
+    return ops.sum(ops.logsumexp(logits, axis=1) - positive)
+
+
+def softmax_contrastive_loss(
+    image_emb,
+    text_emb,
+    log_scale,
+    *,
+    global_image_emb=None,
+    global_text_emb=None,
+    label_offset=0,
+    max_scale=CLIP_MAX_LOGIT_SCALE,
+):
+    """CLIP loss: mean of image->text and text->image softmax cross-entropy (share of the global batch).
+
+    Args:
+        image_emb: [N, D] L2-normalised image embeddings, this replica's rows (any float dtype).
+        text_emb: [N, D] L2-normalised text embeddings of the same N pairs.
+        log_scale: scalar, learnable log of the logit scale (init log(1 / 0.07)); s = min(exp(.), max_scale).
+        global_image_emb: [G, D] image embeddings of the whole global batch (gathered), or None when the
+            local rows are the whole batch. Give both global arrays or neither.
+        global_text_emb: [G, D] text embeddings of the whole global batch, or None.
+        label_offset: int or int scalar tensor, the global row of local row 0 (replica r of R with equal
+            local batches: r * N); the positive of local row i is global column label_offset + i.
+        max_scale: clip of the logit scale (CLIP: 100), None for none.
+
+    Returns:
+        float32 scalar: (sum over the 2N local rows of the cross-entropy) / (2G), with
+        logits_i2t = s * image_emb @ global_text_emb.T  [N, G] and logits_t2i = s * text_emb @
+        global_image_emb.T [N, G]. Summed over replicas this is the loss of the global batch; with N == G
+        it is the loss itself.
+    """
+    if (global_image_emb is None) != (global_text_emb is None):
+        raise ValueError(
+            "softmax_contrastive_loss: pass both global_image_emb and global_text_emb, or neither.")
+    image_emb = ops.cast(image_emb, "float32")  # [N, D]
+    text_emb = ops.cast(text_emb, "float32")  # [N, D]
+    if global_image_emb is None:
+        global_image_emb, global_text_emb = image_emb, text_emb
+    else:
+        global_image_emb = ops.cast(global_image_emb, "float32")  # [G, D]
+        global_text_emb = ops.cast(global_text_emb, "float32")  # [G, D]
+    scale = logit_scale(log_scale, max_scale)
+    labels = _local_labels(ops.shape(image_emb)[0], label_offset)  # [N]
+    logits_i2t = scale * ops.matmul(image_emb, ops.transpose(global_text_emb))  # [N, G]
+    logits_t2i = scale * ops.matmul(text_emb, ops.transpose(global_image_emb))  # [N, G]
+    total = _cross_entropy_sum(logits_i2t, labels) + _cross_entropy_sum(logits_t2i, labels)
+    global_batch = ops.cast(ops.shape(global_text_emb)[0], "float32")
+    return total / (2.0 * global_batch)

@@ -1,0 +1,1 @@
+"""keras.Model subclasses, one per method (import the modules directly)."""

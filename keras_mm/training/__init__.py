@@ -1,0 +1,1 @@
+"""Training utilities: cross-replica gather, strategies, optimizers, callbacks, checkpoints."""

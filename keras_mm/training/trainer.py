@@ -1,0 +1,226 @@
+"""Train, evaluate and export a two-tower experiment from its typed config (``kmm train/eval``).
+
+    cfg = recipes.get_recipe("siglip_digits"); cfg = override(cfg, ["data.folder=runs/digits"])
+    summary, model = train(cfg)     # resumes from <out_dir>/checkpoints after a kill
+    metrics = evaluate(cfg)         # zero-shot + retrieval on cfg.eval.split
+
+Run folder (``cfg.train.out_dir``): ``checkpoints/`` (+ ``config.json``, the resolved config),
+``tensorboard/`` (train scalars: loss, pair accuracy, t, b, learning rate, examples/s; eval
+metrics under ``eval/``), ``summary.json`` (DESIGN.md run summary contract).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Dict, Optional
+
+import keras
+
+from keras_mm.recipes import config as config_lib
+
+LOG = logging.getLogger(__name__)
+SUMMARY_FILE = "summary.json"
+CONTRACT_METRICS = (
+    "zero_shot_top1", "zero_shot_top5", "retrieval_i2t_r1", "retrieval_i2t_r5",
+    "retrieval_i2t_r10", "retrieval_t2i_r1", "retrieval_t2i_r5", "retrieval_t2i_r10")
+
+
+def checkpoint_dir(cfg) -> str:
+    return os.path.join(cfg.train.out_dir, "checkpoints")
+
+
+def load_tokenizer(cfg):
+    """The dataset's tokenizer, padded / truncated to the model's text length."""
+    from keras_mm.pipelines import datasets
+
+    return datasets.load_tokenizer(cfg.data.folder, cfg.data.input)
+
+
+def build_model(cfg, tokenizer):
+    """The TwoTowerModel of ``cfg.model`` sized for the tokenizer and the input config."""
+    from keras_mm.models.two_tower import build_two_tower, locked_image_tower
+
+    m = cfg.model
+    if m.kind != "two_tower":
+        raise config_lib.ConfigError(f"model.kind {m.kind!r}: this trainer builds 'two_tower'")
+    if m.lit and not m.init_checkpoint:
+        raise config_lib.ConfigError("model.lit needs model.init_checkpoint (a .keras image "
+                                     "encoder or classifier)")
+    image_overrides = {"image_size": cfg.data.input.image_size, "remat": m.remat}
+    text_overrides = {"remat": m.remat}
+    if m.embed_dim:
+        image_overrides["output_dim"] = m.embed_dim
+        text_overrides["output_dim"] = m.embed_dim
+    tower = locked_image_tower(m.init_checkpoint) if m.lit else None
+    model = build_two_tower(m.preset, m.loss, vocab_size=tokenizer.vocab_size,
+                            max_len=cfg.data.input.max_text_len, chunked=m.chunked,
+                            image_overrides=image_overrides, text_overrides=text_overrides,
+                            image_tower=tower)
+    size = cfg.data.input.image_size
+    model({"image": keras.ops.zeros((1, size, size, 3)),
+           "text": keras.ops.ones((1, cfg.data.input.max_text_len), "int32")})
+    return model
+
+
+def _check_data(cfg):
+    from keras_mm.pipelines import datasets
+
+    if not cfg.data.folder:
+        raise config_lib.ConfigError("data.folder is empty: set it, e.g. --set data.folder=DIR")
+    datasets.split_files(cfg.data.folder, cfg.data.train_split)  # clear error when missing
+
+
+def train(cfg, *, extra_callbacks=(), verbose="auto"):
+    """Trains (or resumes) ``cfg``; evaluates at the end; writes summary.json.
+
+    Returns ``(summary dict, trained model)``."""
+    import tensorflow as tf
+
+    from keras_mm.pipelines import datasets
+    from keras_mm.training import callbacks as cb
+    from keras_mm.training import checkpoint, mixed_precision, optimizer, strategy
+
+    _check_data(cfg)
+    keras.utils.set_random_seed(cfg.train.seed)  # before the tokenizer (tensorflow-text resource)
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    mixed_precision.set_precision(cfg.train.precision)
+    backend = keras.backend.backend()
+    dist = None
+    if backend == "tensorflow":
+        dist = strategy.make_strategy(cfg.train.strategy, tpu=cfg.train.tpu,
+                                      devices=cfg.train.devices)
+    elif backend == "jax" and cfg.train.strategy != "one_device":
+        keras.distribution.set_distribution(strategy.make_jax_distribution(cfg.train.strategy))
+    ckpt = checkpoint.Checkpointer(checkpoint_dir(cfg), keep=cfg.train.keep)
+    ckpt.write_config(cfg)
+    initial_step = ckpt.latest_step() or 0
+    tokenizer = load_tokenizer(cfg)
+
+    def dataset_fn(ctx=None):
+        return checkpoint.resumable_dataset(
+            lambda: datasets.train_dataset(cfg.data.folder, cfg.data.input, tokenizer=tokenizer,
+                                           input_context=ctx, split=cfg.data.train_split),
+            skip_batches=initial_step * checkpoint.batches_per_step(ctx))
+
+    if dist is not None and dist.num_replicas_in_sync > 1:
+        ds = dist.distribute_datasets_from_function(dataset_fn)
+    else:
+        ds = dataset_fn()
+    scope = dist.scope() if dist is not None else _nullcontext()
+    with scope:
+        model = build_model(cfg, tokenizer)
+        model.compile(optimizer=optimizer.make_optimizer(cfg.optimizer, cfg.train.steps,
+                                                         precision=cfg.train.precision),
+                      jit_compile=cfg.train.jit_compile,
+                      steps_per_execution=cfg.train.steps_per_execution)
+    log_dir = os.path.join(cfg.train.out_dir, "tensorboard")
+    callbacks = cb.training_callbacks(ckpt, initial_step, cfg.train.checkpoint_every,
+                                      log_dir=log_dir, log_every=cfg.train.log_every,
+                                      global_batch_size=cfg.data.input.batch_size)
+    start = time.time()
+    if initial_step < cfg.train.steps:
+        if initial_step:
+            LOG.info("resuming from step %d of %d", initial_step, cfg.train.steps)
+        model.fit(ds, callbacks=list(callbacks) + list(extra_callbacks), verbose=verbose,
+                  **checkpoint.resume_fit_kwargs(initial_step, cfg.train.steps,
+                                                 cfg.train.steps_per_epoch))
+    else:
+        ckpt.restore_latest(model, model.optimizer)
+    train_seconds = time.time() - start
+    metrics = evaluate(cfg, model=model, tokenizer=tokenizer)
+    callbacks[1].log_scalars(metrics, step=cfg.train.steps, split="eval")
+    summary = write_summary(cfg, train_seconds=train_seconds, metrics=metrics)
+    return summary, model
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def restore(cfg, tokenizer=None):
+    """The trained model of a run folder (newest complete checkpoint)."""
+    from keras_mm.training import checkpoint
+
+    tokenizer = tokenizer or load_tokenizer(cfg)
+    model = build_model(cfg, tokenizer)
+    step = checkpoint.restore_latest(model, None, checkpoint_dir(cfg))
+    if not step:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(cfg)}")
+    return model
+
+
+def load_run_config(run_dir: str):
+    path = os.path.join(run_dir, "checkpoints", "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir!r} is not a run folder (no checkpoints/config.json)")
+    return config_lib.load(path)
+
+
+def embed_functions(model):
+    """(embed_image, embed_text) callables over numpy batches, compiled once."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        image_fn = tf.function(lambda x: model.embed_image(x), reduce_retracing=True)
+        text_fn = tf.function(lambda x: model.embed_text(x), reduce_retracing=True)
+        return (lambda x: image_fn(x).numpy()), (lambda x: text_fn(x).numpy())
+    return (lambda x: keras.ops.convert_to_numpy(model.embed_image(x)),
+            lambda x: keras.ops.convert_to_numpy(model.embed_text(x)))
+
+
+def evaluate(cfg, model=None, tokenizer=None) -> Dict[str, float]:
+    """The contract metrics of ``cfg.eval.tasks`` on ``cfg.eval.split``."""
+    import dataclasses
+
+    from keras_mm.evaluation import retrieval, zero_shot
+
+    folder = cfg.eval.folder or cfg.data.folder
+    tokenizer = tokenizer or load_tokenizer(cfg)
+    model = model or restore(cfg, tokenizer)
+    embed_image, embed_text = embed_functions(model)
+    input_cfg = dataclasses.replace(cfg.data.input, batch_size=cfg.eval.batch_size)
+    metrics: Dict[str, float] = {}
+    for task in cfg.eval.tasks:
+        if task == "zero_shot":
+            out = zero_shot.evaluate_zero_shot_folder(
+                embed_image, embed_text, folder, cfg.eval.split, input_cfg, tokenizer,
+                max_examples=cfg.eval.max_examples)
+        elif task == "retrieval":
+            out = retrieval.evaluate_retrieval_folder(embed_image, embed_text, folder,
+                                                      cfg.eval.split, input_cfg, tokenizer)
+        else:
+            raise config_lib.ConfigError(
+                f"eval.tasks: unknown task {task!r}; valid: zero_shot, retrieval")
+        metrics.update({k: float(v) for k, v in out.items() if k in CONTRACT_METRICS})
+    return metrics
+
+
+def write_summary(cfg, *, train_seconds: float, metrics: Dict[str, float],
+                  export_dir: str = "") -> Dict:
+    """``<out_dir>/summary.json`` per DESIGN.md (merged with an existing one)."""
+    path = os.path.join(cfg.train.out_dir, SUMMARY_FILE)
+    summary = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+    summary.update({
+        "model": cfg.model.kind if cfg.model.kind != "two_tower" else
+        f"two_tower_{cfg.model.loss}" + ("_lit" if cfg.model.lit else ""),
+        "preset": cfg.model.preset,
+        "train_seconds": round(float(train_seconds), 3),
+        "train_steps": int(cfg.train.steps),
+        "export_dir": export_dir or summary.get("export_dir", ""),
+        "metrics": {**summary.get("metrics", {}), **metrics},
+    })
+    os.makedirs(cfg.train.out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    return summary

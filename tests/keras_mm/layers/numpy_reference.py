@@ -1,0 +1,140 @@
+"""Independent NumPy implementations (written from the papers' formulas, float64) that the layer
+and encoder tests compare against. Weights are copied out of the Keras layers by name."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def w(variable):
+    """A Keras variable as float64 NumPy."""
+    return np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable, np.float64)
+
+
+def layer_norm(x, gamma, beta, eps=1e-6):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * gamma + beta
+
+
+def ln_of(layer, x):
+    return layer_norm(x, w(layer.gamma), w(layer.beta), layer.epsilon)
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def softmax(x, axis=-1):
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def dense(layer, x):
+    y = x @ w(layer.kernel)
+    return y + w(layer.bias) if layer.bias is not None else y
+
+
+def mlp(layer, x):
+    return dense(layer.fc2, gelu_tanh(dense(layer.fc1, x)))
+
+
+def attention_weights(layer):
+    """q/k/v kernels ``[d, h, k]`` and biases ``[h, k]`` (zeros when absent) of a
+    keras_mm MultiHeadAttention, whatever its fused / separate layout."""
+    if hasattr(layer, "qkv_kernel"):
+        kern = w(layer.qkv_kernel)
+        bias = w(layer.qkv_bias) if layer.qkv_bias is not None else np.zeros(kern.shape[1:])
+        kernels, biases = [kern[:, i] for i in range(3)], [bias[i] for i in range(3)]
+    else:
+        kernels = [w(layer.query_kernel)]
+        biases = [w(layer.query_bias) if layer.query_bias is not None
+                  else np.zeros(kernels[0].shape[1:])]
+        if hasattr(layer, "kv_kernel"):
+            kv = w(layer.kv_kernel)
+            kvb = w(layer.kv_bias) if layer.kv_bias is not None else np.zeros(kv.shape[1:])
+            kernels += [kv[:, 0], kv[:, 1]]
+            biases += [kvb[0], kvb[1]]
+        else:
+            for name in ("key", "value"):
+                kern = w(getattr(layer, f"{name}_kernel"))
+                bias = getattr(layer, f"{name}_bias")
+                kernels.append(kern)
+                biases.append(w(bias) if bias is not None else np.zeros(kern.shape[1:]))
+    return kernels, biases
+
+
+def mha(layer, query, value=None, mask=None, causal=False):
+    """softmax(q k^T / sqrt(d_head) + mask) v, heads concatenated, output projection.
+
+    mask: bool broadcastable to ``[batch, heads, q, kv]`` (True = attend), or ``[batch, kv]``.
+    """
+    value = query if value is None else value
+    (wq, wk, wv), (bq, bk, bv) = attention_weights(layer)
+    q = np.einsum("bnd,dhk->bnhk", query, wq) + bq
+    k = np.einsum("bnd,dhk->bnhk", value, wk) + bk
+    v = np.einsum("bnd,dhk->bnhk", value, wv) + bv
+    if layer.qk_norm:
+        q = ln_of(layer.query_norm, q)
+        k = ln_of(layer.key_norm, k)
+    logits = np.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(q.shape[-1])
+    allowed = np.ones(logits.shape, bool)
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        if mask.ndim == 2:
+            mask = mask[:, None, None, :]
+        allowed &= mask
+    if causal:
+        allowed &= np.tril(np.ones(logits.shape[-2:], bool))
+    logits = np.where(allowed, logits, -np.inf)
+    probs = softmax(logits)
+    out = np.einsum("bhqs,bshk->bqhk", probs, v)
+    y = np.einsum("bqhk,hko->bqo", out, w(layer.output_kernel))
+    return y + w(layer.output_bias) if layer.output_bias is not None else y
+
+
+def block(layer, x, mask=None, causal=False):
+    """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+    x = x + mha(layer.attention, ln_of(layer.norm1, x), mask=mask, causal=causal)
+    return x + mlp(layer.mlp, ln_of(layer.norm2, x))
+
+
+def encoder(layer, x, mask=None, causal=False):
+    for b in layer.blocks:
+        x = block(b, x, mask, causal)
+    return ln_of(layer.norm, x) if layer.norm is not None else x
+
+
+def map_head(layer, x, mask=None):
+    probe = np.broadcast_to(w(layer.probe), (x.shape[0], 1, x.shape[-1]))
+    z = mha(layer.attention, probe, x, mask=mask)
+    z = z + mlp(layer.mlp, ln_of(layer.norm, z))
+    return z[:, 0]
+
+
+def patchify(images, p):
+    """``[b, H, W, c]`` -> ``[b, (H//p)*(W//p), p*p*c]``: patches row-major, each patch's
+    pixels flattened in (row, col, channel) order."""
+    b, hh, ww, c = images.shape
+    gh, gw = hh // p, ww // p
+    out = np.zeros((b, gh * gw, p * p * c))
+    for i in range(gh):
+        for j in range(gw):
+            out[:, i * gw + j] = images[:, i * p:(i + 1) * p, j * p:(j + 1) * p, :].reshape(b, -1)
+    return out
+
+
+def sincos2d(h, w_, dim, temperature=10_000.0):
+    """big_vision posemb_sincos_2d written out per position."""
+    quarter = dim // 4
+    table = np.zeros((h * w_, dim))
+    for y in range(h):
+        for x in range(w_):
+            row = []
+            for fn, coord in ((np.sin, x), (np.cos, x), (np.sin, y), (np.cos, y)):
+                row += [fn(coord / temperature ** (i / (quarter - 1))) for i in range(quarter)]
+            table[y * w_ + x] = row
+    return table
