@@ -77,9 +77,19 @@ def disjoint_templates(train: Sequence[str], eval_: Sequence[str]) -> List[str]:
     return kept
 
 
+MAX_CAPTIONS = rec.ImageOptions().max_captions
+
+
 def captions_for(label_name: str, split: str, train_templates: Sequence[str],
-                 eval_templates: Sequence[str]) -> Tuple[str, ...]:
-    templates = train_templates if split == "train" else eval_templates
+                 eval_templates: Sequence[str], example_id: str = "",
+                 limit: int = MAX_CAPTIONS) -> Tuple[str, ...]:
+    """The split's templates filled with the class name; with more templates than ``limit``, a
+    window of ``limit`` consecutive templates starting at a position hashed from the id, so every
+    template is used across the dataset and each record is reproducible."""
+    templates = list(train_templates if split == "train" else eval_templates)
+    if len(templates) > limit:
+        start = int(dataset_writer._unit_hash(example_id, "templates:") * len(templates))
+        templates = [templates[(start + i) % len(templates)] for i in range(limit)]
     return tuple(t.format(label_name) for t in templates)
 
 
@@ -116,7 +126,7 @@ class _DigitsCandidates(beam.DoFn):
             split = dataset_writer.assign_split(cid, self._fractions)
             yield rec.Candidate(
                 id=cid, source=f"sklearn.datasets.load_digits()[{i}]",
-                captions=captions_for(DIGIT_NAMES[label], split, self._train, self._eval),
+                captions=captions_for(DIGIT_NAMES[label], split, self._train, self._eval, cid),
                 image_bytes=digits_png(self._images[i]), label=label,
                 label_name=DIGIT_NAMES[label], split=split)
 
@@ -179,7 +189,7 @@ class _TfdsCandidates(beam.DoFn):
             name = self._names[label]
             yield rec.Candidate(
                 id=cid, source=f"{self._folder}:{source_split}[{i}]",
-                captions=captions_for(name, split, self._train, self._eval),
+                captions=captions_for(name, split, self._train, self._eval, cid),
                 image_bytes=bytes(image), label=label, label_name=name,
                 split=split)
 
@@ -265,7 +275,7 @@ class _ManifestCandidates(beam.DoFn):
             cid, self._fractions)
         name = self._names[index]
         yield rec.Candidate(id=cid, source=where, image_uri=uri, label=index, label_name=name,
-                            captions=captions_for(name, split, self._train, self._eval),
+                            captions=captions_for(name, split, self._train, self._eval, cid),
                             split=split)
 
 
@@ -314,7 +324,7 @@ class _ApplyLabelDP(beam.DoFn):
             self._changed.inc()
         name = self._names[label]
         yield dataclasses.replace(candidate, label=label, label_name=name,
-                                  captions=captions_for(name, "train", self._train, ()))
+                                  captions=captions_for(name, "train", self._train, (), candidate.id))
 
 
 def _parse_prior(line: str):

@@ -33,6 +33,20 @@ DATA_JOBS: Dict[str, tuple] = {
 BENCHES: Dict[str, tuple] = {
     "data": ("keras_mm.bench.data",
              "Beam job records/s on the digits and tf.data examples/s at 224x224"),
+    "two-tower": ("keras_mm.bench.two_tower",
+                  "SigLIP train step examples/s: ours vs keras-hub's SigLIPBackbone"),
+}
+# command -> (module:function taking argv and returning a summary dict, help)
+COMMANDS: Dict[str, tuple] = {
+    "train": ("keras_mm.training.commands:train",
+              "train a recipe (resumes after a kill), evaluate, write summary.json"),
+    "eval": ("keras_mm.training.commands:evaluate", "evaluate a trained run"),
+    "export": ("keras_mm.training.commands:export",
+               "export a run as a TF Serving SavedModel (saved_models/<name>/<version>)"),
+    "serve": ("keras_mm.training.commands:serve",
+              "serve an export over TF Serving's REST API (development and tests)"),
+    "demo": ("keras_mm.demo:run",
+             "digits -> SigLIP training -> zero-shot eval -> export -> serving check"),
 }
 
 
@@ -66,9 +80,12 @@ def print_summary(title: str, summary: Dict, out=sys.stdout) -> None:
         print(f"  {key.ljust(width)}  {value}", file=out)
 
 
-def _run_module(module: str, argv: Sequence[str], title: str, as_json: bool) -> Dict:
-    run: Callable = importlib.import_module(module).run
+def _run_module(target: str, argv: Sequence[str], title: str, as_json: bool) -> Dict:
+    module, _, function = target.partition(":")
+    run: Callable = getattr(importlib.import_module(module), function or "run")
     summary = run(list(argv))
+    if summary is None:  # serve
+        return {}
     if as_json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
@@ -82,6 +99,8 @@ def _top_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `kmm COMMAND --help` (e.g. `kmm data label-as-text --help`) for details.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, text) in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     data = sub.add_parser("data", help="Beam jobs that write TFRecord datasets",
                           description="Beam jobs that write TFRecord datasets.")
     data_sub = data.add_subparsers(dest="job", metavar="JOB")
@@ -104,6 +123,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         target, title = DATA_JOBS[argv[1]][0], f"kmm data {argv[1]}"
     elif len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
         target, title = BENCHES[argv[1]][0], f"kmm bench {argv[1]}"
+    elif argv and argv[0] in COMMANDS:
+        target, title = COMMANDS[argv[0]][0], f"kmm {argv[0]}"
+        argv = [argv[0], ""] + argv[1:]  # the command's own flags start at argv[2]
     else:
         args = parser.parse_args(argv)  # prints help / a usage error and exits
         if args.command is None:

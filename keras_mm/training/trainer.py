@@ -121,6 +121,10 @@ def train(cfg, *, extra_callbacks=(), verbose="auto"):
     callbacks = cb.training_callbacks(ckpt, initial_step, cfg.train.checkpoint_every,
                                       log_dir=log_dir, log_every=cfg.train.log_every,
                                       global_batch_size=cfg.data.input.batch_size)
+    if verbose == "auto":  # a progress bar on a terminal, one line per epoch in logs / CI
+        import sys
+
+        verbose = 1 if sys.stdout.isatty() else 2
     start = time.time()
     if initial_step < cfg.train.steps:
         if initial_step:

@@ -101,7 +101,8 @@ def test_job_releases_noisy_training_labels_only(tmp_path):
             if split != "train":
                 assert released == y  # evaluation labels stay true
                 continue
-            assert r[features.TEXTS] == [t.format(r[features.LABEL_NAME]) for t in train_t]
+            filled = {t.format(r[features.LABEL_NAME]) for t in train_t}
+            assert set(r[features.TEXTS]) <= filled and len(r[features.TEXTS]) == 16
             total += 1
             kept += released == y
             moved_outside += released not in (y, (y + 1) % 10)

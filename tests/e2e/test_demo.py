@@ -1,0 +1,68 @@
+"""The whole user path through the CLI: kmm demo (data -> train -> eval -> export -> fresh-process
+classification), then kmm eval and kmm export on its run folder, and a resumed kmm train."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SHORT = ["--set", "train.steps=20", "--set", "train.checkpoint_every=10",
+         "--set", "train.log_every=10", "--set", "optimizer.warmup_steps=5"]
+
+
+def _kmm(*args, timeout=900):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-m", "keras_mm.cli", *args], capture_output=True,
+                            text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    result = _kmm("demo", "--out", str(out), *SHORT)
+    return out, result
+
+
+@pytest.mark.slow
+def test_demo_writes_the_summary_contract(demo):
+    out, result = demo
+    assert "[5/5]" in result.stdout and "== kmm demo ==" in result.stdout
+    summary = json.load(open(out / "summary.json"))
+    assert set(summary) >= {"model", "preset", "train_seconds", "train_steps", "export_dir",
+                            "metrics"}
+    assert summary["model"] == "two_tower_sigmoid" and summary["preset"] == "tiny"
+    assert summary["train_steps"] == 20 and summary["train_seconds"] > 0
+    metrics = summary["metrics"]
+    for name in ("zero_shot_top1", "zero_shot_top5", "retrieval_i2t_r1", "retrieval_t2i_r10"):
+        assert 0.0 <= metrics[name] <= 1.0
+    # The export, in a process without keras_mm, classifies like the Keras model.
+    assert abs(metrics["export_zero_shot_top1"] - metrics["zero_shot_top1"]) < 0.02
+    assert os.path.exists(os.path.join(summary["export_dir"], "saved_model.pb"))
+    assert os.path.exists(os.path.join(summary["export_dir"], "assets.extra",
+                                       "tf_serving_warmup_requests"))
+    assert os.listdir(out / "run" / "tensorboard")
+    assert os.path.exists(out / "run" / "checkpoints" / "config.json")
+
+
+@pytest.mark.slow
+def test_eval_export_and_resumed_train_on_the_run(demo):
+    out, _ = demo
+    run = str(out / "run")
+    evaluated = _kmm("eval", "--run", run)
+    assert "metrics.zero_shot_top1" in evaluated.stdout
+    exported = _kmm("export", "--run", run, "--base_dir", str(out / "exports"))
+    assert os.path.exists(out / "exports" / "siglip_digits" / "1" / "saved_model.pb")
+    again = _kmm("export", "--run", run, "--base_dir", str(out / "exports"))
+    assert os.path.exists(out / "exports" / "siglip_digits" / "2" / "saved_model.pb")
+    assert "export_dir" in exported.stdout and "/2" in again.stdout
+    # Training the same run to 30 steps resumes from step 20 instead of starting over.
+    resumed = _kmm("train", "--config", os.path.join(run, "checkpoints", "config.json"),
+                   "--set", "train.steps=30")
+    assert "resuming from step 20 of 30" in resumed.stdout + resumed.stderr
+    assert json.load(open(out / "run" / "summary.json"))["train_steps"] == 30
+    ckpts = sorted(os.listdir(out / "run" / "checkpoints"))
+    assert "ckpt-00000030" in ckpts and "ckpt-00000020" in ckpts, ckpts
