@@ -219,6 +219,10 @@ def patch_keras_for_multi_worker():
     def reduce_per_replica(values, strategy, reduction):
         if is_multi_worker(strategy) and reduction in ("auto", "mean"):
             def mean(v):
+                if not isinstance(v, tf.distribute.DistributedValues):
+                    # One local replica per worker: run() returned this worker's plain value (a
+                    # logged metric over the worker's own rows; training itself is global).
+                    return v
                 rank = v.shape.rank if hasattr(v, "shape") and v.shape is not None else None
                 return strategy.reduce("MEAN", v, axis=None if not rank else 0)
 

@@ -148,3 +148,46 @@ def test_mirrored_strategy_equals_one_device(tmp_path, extra):
 def test_jax_data_parallel_equals_one_device(tmp_path, extra):
     """model.fit under keras.distribution.DataParallel on 2 host devices == one device."""
     _assert_same_run(_fit(tmp_path, 1, "jax", *extra), _fit(tmp_path, 2, "jax", *extra))
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_worker_two_processes_equal_one_process(tmp_path):
+    """Two workers on 127.0.0.1 (TF_CONFIG, MultiWorkerMirroredStrategy) end with the same
+    weights as one process on the same global batches, and their logged losses average to the
+    one-process losses (1e-4): each worker logs the loss over its own rows (Keras 3.15 does not
+    reduce scalar logs across workers), training itself uses the global batch."""
+    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), KERAS_BACKEND="tensorflow",
+                   PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(tmp_path / f"worker{index}.npz"),
+             "--multi_worker", "--loss", "sigmoid"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append(json.loads(out.strip().splitlines()[-1])["logs"])
+    single_logs, single_weights = _fit(tmp_path, 1, "tensorflow", "--loss", "sigmoid")
+    for index in range(2):
+        weights = np.load(tmp_path / f"worker{index}.npz")
+        for x, y in zip([weights[k] for k in sorted(weights.files,
+                                                    key=lambda s: int(s.split("_")[1]))],
+                        single_weights):
+            np.testing.assert_allclose(x, y, atol=1e-4)
+    for step, one in enumerate(single_logs):
+        averaged = (outputs[0][step]["loss"] + outputs[1][step]["loss"]) / 2
+        assert averaged == pytest.approx(one["loss"], abs=1e-4)
+        for key in ("t", "b"):
+            assert outputs[0][step][key] == pytest.approx(one[key], abs=1e-4)

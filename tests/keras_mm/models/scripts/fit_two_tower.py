@@ -18,6 +18,8 @@ parser.add_argument("--replicas", type=int, default=1)
 parser.add_argument("--loss", default="sigmoid")
 parser.add_argument("--chunked", action="store_true")
 parser.add_argument("--steps", type=int, default=3)
+parser.add_argument("--multi_worker", action="store_true",
+                    help="MultiWorkerMirroredStrategy from TF_CONFIG (one replica per process)")
 args = parser.parse_args()
 
 import keras  # noqa: E402
@@ -63,7 +65,23 @@ class Recorder(keras.callbacks.Callback):
 
 
 recorder = Recorder()
-if backend == "tensorflow":
+if backend == "tensorflow" and args.multi_worker:
+    from keras_mm.training import strategy as S
+
+    strategy = S.make_strategy("multi_worker")
+
+    def dataset_fn(context):
+        # The same global batches; this worker takes its rows of each.
+        per_replica = context.get_per_replica_batch_size(GLOBAL_BATCH)
+        lo = context.input_pipeline_id * per_replica
+        ds = tf.data.Dataset.from_tensor_slices({"image": images, "text": texts})
+        return ds.map(lambda b: {k: v[lo:lo + per_replica] for k, v in b.items()})
+
+    with strategy.scope():
+        model = build()
+    model.fit(strategy.distribute_datasets_from_function(dataset_fn), epochs=1,
+              steps_per_epoch=args.steps, verbose=0, callbacks=[recorder])
+elif backend == "tensorflow":
     strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(args.replicas)])
                 if args.replicas > 1 else tf.distribute.get_strategy())
     assert strategy.num_replicas_in_sync == args.replicas
