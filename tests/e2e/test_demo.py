@@ -9,6 +9,7 @@ import sys
 import pytest
 
 SHORT = ["--set", "train.steps=20", "--set", "train.checkpoint_every=10",
+         "--set", "train.steps_per_epoch=10",
          "--set", "train.log_every=10", "--set", "optimizer.warmup_steps=5"]
 
 
