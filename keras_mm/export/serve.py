@@ -940,18 +940,10 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Like :func:`run`, with one-line errors and an exit status (2 on errors)."""
-    try:
-        run(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
-        return int(e.code or 0)
-    except Exception as e:  # noqa: BLE001 - one line for the user, traceback with KMM_DEBUG
-        if os.environ.get("KMM_DEBUG"):
-            raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"kmm: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    """Like :func:`run`, with one-line errors and an exit status (2 on errors): ``kmm serve``."""
+    from keras_mm import cli
+
+    return cli.main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
