@@ -185,9 +185,10 @@ def patch_keras_for_multi_worker():
     Keras 3 (checked on 3.15) fails there in two places (keras-team/keras#20585, tensorflow#72388):
     ``fit`` builds the model from one batch that it first averages over the workers with an eager
     ``strategy.reduce`` of a PerReplica value, which MWMS rejects; and the train function averages the
-    logged scalars with ``strategy.reduce("MEAN", v, axis=0)``, which fails on a scalar. Here the build
-    uses this worker's first replica batch (only its shapes matter) and scalars are averaged over the
-    workers with ``axis=None``. Everything else (gradients, updates) is Keras' own code. Applied by
+    logged scalars with ``strategy.reduce("MEAN", v, axis=0)``, which fails on a scalar (and with one replica per worker
+    ``run`` returns each worker's own plain values, never reduced across workers). Here the build
+    uses this worker's first replica batch (only its shapes matter) and the logged scalars are
+    averaged over all workers with one ``all_reduce``, so each worker logs the global-batch values. Everything else (gradients, updates) is Keras' own code. Applied by
     ``make_strategy("multi_worker")``; idempotent; only changes behaviour under MWMS.
     """
     global _PATCHED
@@ -219,13 +220,22 @@ def patch_keras_for_multi_worker():
     def reduce_per_replica(values, strategy, reduction):
         if is_multi_worker(strategy) and reduction in ("auto", "mean"):
             def mean(v):
-                if not isinstance(v, tf.distribute.DistributedValues):
-                    # One local replica per worker: run() returned this worker's plain value (a
-                    # logged metric over the worker's own rows; training itself is global).
-                    return v
                 rank = v.shape.rank if hasattr(v, "shape") and v.shape is not None else None
                 return strategy.reduce("MEAN", v, axis=None if not rank else 0)
 
+            # One local replica per worker: run() returned this worker's plain values (metrics
+            # over the worker's own rows). Treat each as the PerReplica value it is, so
+            # strategy.reduce averages it over all workers with a collective: every worker then
+            # logs what one process logs on the global batch.
+            from tensorflow.python.distribute import values as values_lib
+
+            def per_replica(v):
+                if isinstance(v, tf.distribute.DistributedValues):
+                    return v
+                with tf.device(strategy.extended.worker_devices[0]):
+                    return values_lib.PerReplica((tf.identity(v),))
+
+            values = tf.nest.map_structure(per_replica, values)
             return tf.nest.map_structure(mean, values)
         return original_reduce(values, strategy, reduction)
 
