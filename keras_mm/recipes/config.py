@@ -40,6 +40,7 @@ from keras_mm.pipelines.datasets import InputConfig
 CLASS_KEY = "__config__"
 STRATEGIES = ("one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "few_shot")
 
 
 class ConfigError(ValueError):
@@ -195,8 +196,13 @@ class EvalConfig:
       folder: a different dataset folder to evaluate on; None: ``data.folder``.
       batch_size: eval batch size.
       every_steps: evaluate during training every this many steps; None: at the end only.
-      tasks: evaluations to run ("zero_shot", "retrieval", "linear_probe"...).
-      max_examples: cap on evaluated examples; None: the whole split.
+      tasks: evaluations to run, any of ``EVAL_TASKS``: "zero_shot" (class names x eval templates),
+        "retrieval" (R@1/5/10 both ways), "linear_probe" (logistic regression on frozen image
+        embeddings of ``probe_train_split``, C chosen on ``probe_val_split``, scored on ``split``),
+        "few_shot" (big_vision's k-shot ridge regression, k in ``shots``).
+      max_examples: cap on evaluated examples (zero-shot); None: the whole split.
+      probe_train_split, probe_val_split: the splits the probes fit on and select on.
+      shots: examples per class of the few-shot evaluation.
     """
 
     split: str = "test"
@@ -205,6 +211,16 @@ class EvalConfig:
     every_steps: Optional[int] = None
     tasks: Tuple[str, ...] = ("zero_shot",)
     max_examples: Optional[int] = None
+    probe_train_split: str = "train"
+    probe_val_split: str = "validation"
+    shots: Tuple[int, ...] = (1, 5, 10)
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in EVAL_TASKS]
+        _check(not unknown, f"eval.tasks: unknown {unknown}; valid: {', '.join(EVAL_TASKS)}")
+        _check(self.every_steps is None or self.every_steps > 0,
+               f"eval.every_steps must be positive or none, got {self.every_steps}")
+        _check(all(k > 0 for k in self.shots), f"eval.shots must be positive, got {self.shots}")
 
 
 @dataclasses.dataclass

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import keras
 
 from keras_mm.recipes import config as config_lib
+from keras_mm.training import callbacks as cb
 
 LOG = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
@@ -80,7 +82,6 @@ def train(cfg, *, extra_callbacks=(), verbose="auto"):
     import tensorflow as tf
 
     from keras_mm.pipelines import datasets
-    from keras_mm.training import callbacks as cb
     from keras_mm.training import checkpoint, mixed_precision, optimizer, strategy
 
     _check_data(cfg)
@@ -121,6 +122,8 @@ def train(cfg, *, extra_callbacks=(), verbose="auto"):
     callbacks = cb.training_callbacks(ckpt, initial_step, cfg.train.checkpoint_every,
                                       log_dir=log_dir, log_every=cfg.train.log_every,
                                       global_batch_size=cfg.data.input.batch_size)
+    if cfg.eval.every_steps:
+        callbacks = list(callbacks) + [PeriodicEval(cfg, tokenizer, callbacks[1], initial_step)]
     if verbose == "auto":  # a progress bar on a terminal, one line per epoch in logs / CI
         import sys
 
@@ -180,17 +183,29 @@ def embed_functions(model):
             lambda x: keras.ops.convert_to_numpy(model.embed_text(x)))
 
 
+def reported(name: str) -> bool:
+    """Whether an evaluator's output is a summary metric: the DESIGN.md contract names plus the
+    probes' ``linear_probe_top1`` and ``few_shot_{k}shot_top1``."""
+    return name in CONTRACT_METRICS or name == "linear_probe_top1" or bool(
+        re.fullmatch(r"few_shot_\d+shot_top1", name))
+
+
 def evaluate(cfg, model=None, tokenizer=None) -> Dict[str, float]:
-    """The contract metrics of ``cfg.eval.tasks`` on ``cfg.eval.split``."""
+    """The summary metrics of ``cfg.eval.tasks`` on ``cfg.eval.split``."""
     import dataclasses
 
-    from keras_mm.evaluation import retrieval, zero_shot
+    from keras_mm.evaluation import linear_probe, retrieval, zero_shot
+    from keras_mm.pipelines import datasets
 
     folder = cfg.eval.folder or cfg.data.folder
     tokenizer = tokenizer or load_tokenizer(cfg)
     model = model or restore(cfg, tokenizer)
     embed_image, embed_text = embed_functions(model)
     input_cfg = dataclasses.replace(cfg.data.input, batch_size=cfg.eval.batch_size)
+
+    def split(name):
+        return datasets.eval_dataset(folder, name, input_cfg, tokenizer=tokenizer)
+
     metrics: Dict[str, float] = {}
     for task in cfg.eval.tasks:
         if task == "zero_shot":
@@ -200,11 +215,42 @@ def evaluate(cfg, model=None, tokenizer=None) -> Dict[str, float]:
         elif task == "retrieval":
             out = retrieval.evaluate_retrieval_folder(embed_image, embed_text, folder,
                                                       cfg.eval.split, input_cfg, tokenizer)
+        elif task == "linear_probe":
+            out = linear_probe.evaluate_linear_probe(
+                embed_image, split(cfg.eval.probe_train_split), split(cfg.eval.probe_val_split),
+                split(cfg.eval.split))
+        elif task == "few_shot":
+            out = linear_probe.evaluate_few_shot(
+                embed_image, split(cfg.eval.probe_train_split), split(cfg.eval.split),
+                val_dataset=split(cfg.eval.probe_val_split), shots=cfg.eval.shots,
+                seed=cfg.train.seed)
         else:
             raise config_lib.ConfigError(
-                f"eval.tasks: unknown task {task!r}; valid: zero_shot, retrieval")
-        metrics.update({k: float(v) for k, v in out.items() if k in CONTRACT_METRICS})
+                f"eval.tasks: unknown task {task!r}; valid: {', '.join(config_lib.EVAL_TASKS)}")
+        metrics.update({k: float(v) for k, v in out.items() if reported(k)})
     return metrics
+
+
+class PeriodicEval(cb._GlobalStepCallback):
+    """Runs :func:`evaluate` every ``cfg.eval.every_steps`` global steps during training (the
+    final evaluation runs after training anyway) and logs the metrics as TensorBoard ``eval``
+    scalars through the run's ScalarLogger."""
+
+    def __init__(self, cfg, tokenizer, scalar_logger, initial_step=0):
+        super().__init__(initial_step)
+        self.cfg, self.tokenizer, self.scalar_logger = cfg, tokenizer, scalar_logger
+        self.every = int(cfg.eval.every_steps)
+        self.history: List[Dict] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        before = self._advance(batch)
+        if cb._crossed(before, self.global_step, self.every) and (
+                self.global_step < self.cfg.train.steps):
+            metrics = evaluate(self.cfg, model=self.model, tokenizer=self.tokenizer)
+            self.scalar_logger.log_scalars(metrics, step=self.global_step, split="eval")
+            self.history.append({"step": self.global_step, **metrics})
+            LOG.info("step %d eval: %s", self.global_step,
+                     ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
 
 
 def write_summary(cfg, *, train_seconds: float, metrics: Dict[str, float],

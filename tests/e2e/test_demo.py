@@ -55,17 +55,24 @@ def test_demo_writes_the_summary_contract(demo):
 def test_eval_export_and_resumed_train_on_the_run(demo):
     out, _ = demo
     run = str(out / "run")
-    evaluated = _kmm("eval", "--run", run)
-    assert "metrics.zero_shot_top1" in evaluated.stdout
+    evaluated = _kmm("eval", "--run", run, "--set", "eval.tasks=zero_shot,linear_probe,few_shot")
+    for name in ("zero_shot_top1", "linear_probe_top1", "few_shot_1shot_top1",
+                 "few_shot_10shot_top1"):
+        assert f"metrics.{name}" in evaluated.stdout, name
+    metrics = json.load(open(out / "run" / "summary.json"))["metrics"]
+    assert 0.1 < metrics["linear_probe_top1"] <= 1.0   # 20 steps: above chance, not more
     exported = _kmm("export", "--run", run, "--base_dir", str(out / "exports"))
     assert os.path.exists(out / "exports" / "siglip_digits" / "1" / "saved_model.pb")
     again = _kmm("export", "--run", run, "--base_dir", str(out / "exports"))
     assert os.path.exists(out / "exports" / "siglip_digits" / "2" / "saved_model.pb")
     assert "export_dir" in exported.stdout and "/2" in again.stdout
     # Training the same run to 30 steps resumes from step 20 instead of starting over.
+    # With eval.every_steps=5, the run evaluates at step 25 too (logged and in TensorBoard).
     resumed = _kmm("train", "--config", os.path.join(run, "checkpoints", "config.json"),
-                   "--set", "train.steps=30")
-    assert "resuming from step 20 of 30" in resumed.stdout + resumed.stderr
+                   "--set", "train.steps=30", "--set", "eval.every_steps=5")
+    logs = resumed.stdout + resumed.stderr
+    assert "resuming from step 20 of 30" in logs
+    assert "step 25 eval: " in logs and "step 20 eval" not in logs, logs[-3000:]
     assert json.load(open(out / "run" / "summary.json"))["train_steps"] == 30
     ckpts = sorted(os.listdir(out / "run" / "checkpoints"))
     assert "ckpt-00000030" in ckpts and "ckpt-00000020" in ckpts, ckpts

@@ -134,6 +134,10 @@ def test_override_order_does_not_matter_for_cross_field_checks():
     ("train.steps_per_epoch=7", r"train: steps_per_epoch \(7\) must divide steps \(1000\)"),
     ("optimizer.accumulation=3", r"train\.checkpoint_every \(500\) must be a multiple of "
                                  r"optimizer\.accumulation \(3\)"),
+    ("eval.tasks=zero_shot,probe", r"eval\.tasks: unknown \['probe'\]; valid: zero_shot, "
+                                   r"retrieval, linear_probe, few_shot"),
+    ("eval.every_steps=0", r"eval\.every_steps must be positive or none"),
+    ("eval.shots=5,0", r"eval\.shots must be positive"),
 ])
 def test_bad_overrides_name_the_path_and_what_is_valid(assignment, message):
     with pytest.raises(C.ConfigError, match=message):
