@@ -64,7 +64,7 @@ def _stage(number: int, text: str) -> None:
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict:
     from keras_mm.beam_jobs import label_as_text
-    from keras_mm.evaluation.zero_shot import load_eval_templates
+    from keras_mm.evaluation.zero_shot import load_class_names, load_eval_templates
     from keras_mm.export.two_tower import export_two_tower
     from keras_mm.recipes import config as config_lib
     from keras_mm.training import trainer
@@ -99,7 +99,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
 
         shutil.rmtree(export_dir)
     export_two_tower(model, trainer.load_tokenizer(cfg), cfg.data.input,
-                     load_eval_templates(data_dir), export_dir)
+                     load_eval_templates(data_dir), export_dir,
+                     class_names=load_class_names(data_dir))
 
     _stage(5, "classifying the test digits with the export in a fresh process "
               "(tensorflow + tensorflow_text only)")

@@ -17,6 +17,9 @@ embed_text        ``text`` string[N] (used as given)         ``embedding`` float
                                                              L2-normalised
 classify          ``image_bytes`` string[N],                 ``scores`` float32[N, K]
                   ``labels`` string[K]
+classify_classes  ``image_bytes`` string[N]                  ``scores`` float32[N, K],
+(with             (over the K class names stored with the    ``class_index`` int64[N],
+``class_names``)  export)                                    ``class_name`` string[N]
 serving_default   = classify
 ================  =========================================  =====================================
 
@@ -24,7 +27,11 @@ serving_default   = classify
 label; the templates are graph constants), embeds the K x T prompts, averages the normalised
 prompt embeddings per label and re-normalises them (CLIP's prompt ensembling, as
 ``keras_mm.evaluation.zero_shot``), and returns sigmoid(t * cos + b) for sigmoid-trained models,
-softmax over the K labels of t * cos for softmax-trained ones.
+softmax over the K labels of t * cos for softmax-trained ones. ``classify_classes`` does the same
+against class names fixed at export time: their prompt-ensembled embeddings are computed once and
+stored in the SavedModel, so a request carries only images, every input and output has the batch
+dimension N first, and TF Serving's server-side batching can merge its requests (it cannot merge
+``classify``'s, whose ``labels`` has another first dimension).
 
 The export needs only ``tensorflow`` and ``tensorflow_text`` to load (import ``tensorflow_text``
 first, for the SentencePiece ops): no keras_mm, no Keras custom objects. The Keras variables are
@@ -46,7 +53,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
@@ -72,6 +79,10 @@ SIGNATURES = {
     "classify": ({"image_bytes": ("string", [None]), "labels": ("string", [None])},
                  {"scores": ("float32", [None, None])}),
 }
+# Only in exports given class names ("K" = their number).
+CLASSIFY_CLASSES = ({"image_bytes": ("string", [None])},
+                    {"scores": ("float32", [None, "K"]), "class_index": ("int64", [None]),
+                     "class_name": ("string", [None])})
 
 
 def split_templates(templates: Sequence[str]) -> List[tuple]:
@@ -125,10 +136,12 @@ class TwoTowerExportModule(tf.Module):
         (``image_size``, ``eval_mode``, ``eval_resize_ratio``, ``value_range``,
         ``resize_antialias``, ``max_text_len``, ``add_bos``) the export applies.
       eval_templates: the eval templates ``classify`` ensembles over (one ``{}`` each).
+      class_names: optional class names for ``classify_classes`` (embedded once, here).
     """
 
     def __init__(self, model, tokenizer, input_config: InputConfig,
-                 eval_templates: Sequence[str], name: str = "two_tower_export"):
+                 eval_templates: Sequence[str], name: str = "two_tower_export",
+                 class_names: Optional[Sequence[str]] = None):
         super().__init__(name=name)
         parts = split_templates(eval_templates)
         self._model = _Hidden(model)
@@ -156,6 +169,17 @@ class TwoTowerExportModule(tf.Module):
             self._classify,
             input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
                              tf.TensorSpec([None], tf.string, name="labels")])
+        self.class_names = [str(c) for c in class_names] if class_names else []
+        if class_names is not None and not self.class_names:
+            raise ValueError("class_names is empty: give at least one class name, or None")
+        if self.class_names:
+            # [K, D], computed once with the same graph pieces as classify's labels.
+            self.class_embeddings = tf.Variable(
+                self._label_embeddings(tf.constant(self.class_names)), trainable=False,
+                name="class_embeddings")
+            self.classify_classes = tf.function(
+                self._classify_classes,
+                input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
 
     def _build(self, model) -> int:
         """Builds the model on dummy inputs of the export's shapes; returns D.
@@ -248,18 +272,33 @@ class TwoTowerExportModule(tf.Module):
     def _embed_text(self, text):
         return {"embedding": self._text_embedding(self._check_texts(text, "text"))}
 
-    def _classify(self, image_bytes, labels):
-        label_emb = self._label_embeddings(labels)                         # [K, D]
+    def _scores(self, image_bytes, label_emb):
         image_emb = self._image_embedding(image_bytes)                     # [N, D]
         head = self._model.obj.logits
-        scores = head.probabilities(head(image_emb, label_emb))            # [N, K]
-        return {"scores": tf.cast(scores, tf.float32)}
+        return tf.cast(head.probabilities(head(image_emb, label_emb)), tf.float32)  # [N, K]
+
+    def _classify(self, image_bytes, labels):
+        return {"scores": self._scores(image_bytes, self._label_embeddings(labels))}
+
+    def _classify_classes(self, image_bytes):
+        scores = self._scores(image_bytes, tf.convert_to_tensor(self.class_embeddings))
+        index = tf.argmax(scores, axis=1)                                  # [N] int64
+        return {"scores": scores, "class_index": index,
+                "class_name": tf.gather(tf.constant(self.class_names), index)}
+
+    def _signature_table(self):
+        table = dict(SIGNATURES)
+        if self.class_names:
+            table["classify_classes"] = CLASSIFY_CLASSES
+        return table
 
     def signatures(self) -> Dict[str, Any]:
         """name -> concrete function, ``serving_default`` = ``classify``."""
         signatures = {"embed_image": self.embed_image.get_concrete_function(),
                       "embed_text": self.embed_text.get_concrete_function(),
                       "classify": self.classify.get_concrete_function()}
+        if self.class_names:
+            signatures["classify_classes"] = self.classify_classes.get_concrete_function()
         signatures["serving_default"] = signatures[DEFAULT_SIGNATURE]
         return signatures
 
@@ -281,18 +320,19 @@ class TwoTowerExportModule(tf.Module):
             "vocab_size": int(self.tokenizer.vocab_size),
             "lowercase": bool(self.tokenizer.lowercase),
             "templates": list(self.templates),
+            "class_names": list(self.class_names),
             "embedding_dim": int(self.embedding_dim),
             "logit_scale": float(head.scale.numpy()),
             "logit_bias": None if head.bias is None else float(tf.convert_to_tensor(head.bias)),
             "default_signature": DEFAULT_SIGNATURE,
             "signatures": {name: {"inputs": self._describe(inputs),
                                   "outputs": self._describe(outputs)}
-                           for name, (inputs, outputs) in SIGNATURES.items()},
+                           for name, (inputs, outputs) in self._signature_table().items()},
         }
 
     def _describe(self, tensors):
-        return {name: {"dtype": dtype,
-                       "shape": [self.embedding_dim if d == "D" else d for d in shape]}
+        sizes = {"D": self.embedding_dim, "K": len(self.class_names)}
+        return {name: {"dtype": dtype, "shape": [sizes.get(d, d) for d in shape]}
                 for name, (dtype, shape) in tensors.items()}
 
 
@@ -317,7 +357,8 @@ def _write_warmup(export_dir: str) -> None:
 
 
 def export_two_tower(model, tokenizer, input_config: InputConfig, eval_templates: Sequence[str],
-                     export_dir: str, *, warmup: bool = True, overwrite: bool = False) -> str:
+                     export_dir: str, *, class_names: Optional[Sequence[str]] = None,
+                     warmup: bool = True, overwrite: bool = False) -> str:
     """Writes a two-tower model as a TF Serving SavedModel version folder; returns its path.
 
     Args:
@@ -327,6 +368,7 @@ def export_two_tower(model, tokenizer, input_config: InputConfig, eval_templates
         length and BOS setting).
       eval_templates: templates with one ``{}`` each (``templates_eval.txt``), stored with the
         export for ``classify``.
+      class_names: also add ``classify_classes`` over these names (e.g. ``classnames.txt``).
       export_dir: ``saved_models/<name>/<version>``; it must not exist or be empty, unless
         ``overwrite``.
       warmup: also write ``assets.extra/tf_serving_warmup_requests`` (replayed once against the
@@ -348,7 +390,8 @@ def export_two_tower(model, tokenizer, input_config: InputConfig, eval_templates
                          f"tensorflow), this process runs {keras.backend.backend()!r}")
     export_dir = os.fspath(export_dir).rstrip("/")
     _check_target(export_dir, overwrite)
-    module = TwoTowerExportModule(model, tokenizer, input_config, eval_templates)
+    module = TwoTowerExportModule(model, tokenizer, input_config, eval_templates,
+                                  class_names=class_names)
     signatures = module.signatures()
 
     local = _is_local(export_dir)

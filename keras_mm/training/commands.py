@@ -91,7 +91,10 @@ def export(argv: Optional[Sequence[str]] = None) -> Dict:
     """SavedModel of a run at <base_dir>/<name>/<version>/ with the serving signatures."""
     import dataclasses
 
-    from keras_mm.evaluation.zero_shot import load_eval_templates
+    from tensorflow.io.gfile import exists as tf_exists
+
+    from keras_mm.evaluation.zero_shot import (CLASSNAMES_FILE, load_class_names,
+                                               load_eval_templates)
     from keras_mm.export.two_tower import export_two_tower
     from keras_mm.training import trainer
 
@@ -110,12 +113,16 @@ def export(argv: Optional[Sequence[str]] = None) -> Dict:
     export_dir = os.path.join(base, str(version))
     tokenizer = trainer.load_tokenizer(cfg)
     model = trainer.restore(cfg, tokenizer)
-    templates = load_eval_templates(cfg.eval.folder or cfg.data.folder)
-    export_two_tower(model, tokenizer, dataclasses.replace(cfg.data.input), templates, export_dir)
+    folder = cfg.eval.folder or cfg.data.folder
+    class_names = (load_class_names(folder) if tf_exists(os.path.join(folder, CLASSNAMES_FILE))
+                   else None)
+    export_two_tower(model, tokenizer, dataclasses.replace(cfg.data.input),
+                     load_eval_templates(folder), export_dir, class_names=class_names)
     summary = trainer.write_summary(cfg, train_seconds=_previous(cfg, "train_seconds", 0.0),
                                     metrics={}, export_dir=export_dir)
     return {"export_dir": export_dir, "name": name, "version": version,
-            "signatures": ["embed_image", "embed_text", "classify", "serving_default"],
+            "signatures": ["embed_image", "embed_text", "classify", "serving_default"]
+            + (["classify_classes"] if class_names else []),
             "summary": os.path.join(cfg.train.out_dir, "summary.json"), **summary}
 
 

@@ -71,6 +71,10 @@ arrays["embed_text"] = run("embed_text", text=spec["texts"])["embedding"]
 arrays["classify"] = run("classify", image_bytes=images, labels=spec["labels"])["scores"]
 arrays["serving_default"] = run("serving_default", image_bytes=images,
                                 labels=spec["labels"])["scores"]
+stored = run("classify_classes", image_bytes=images)
+arrays["classify_classes"] = stored["scores"]
+arrays["class_index"] = stored["class_index"]
+arrays["class_name"] = stored["class_name"].astype(str)
 
 good = images[0]
 bad_cases = {
@@ -194,7 +198,8 @@ def exported(request, tmp_path_factory, tokenizer_path, templates, images):
     model, tokenizer = build(tokenizer_path, loss, model_kwargs, seed)
     root = tmp_path_factory.mktemp(f"saved_models_{request.param}")
     export_dir = str(root / "two_tower" / "1")
-    returned = export_lib.export_two_tower(model, tokenizer, config, templates, export_dir)
+    returned = export_lib.export_two_tower(model, tokenizer, config, templates, export_dir,
+                                           class_names=LABELS)
     assert returned == export_dir
     reference = keras_reference(model, tokenizer, config, templates, images)
 
@@ -226,6 +231,12 @@ def test_fresh_process_outputs_equal_the_keras_model(exported, images):
     np.testing.assert_allclose(np.linalg.norm(arrays["embed_image"], axis=-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(arrays["embed_text"], axis=-1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(arrays["serving_default"], arrays["classify"])
+    # classify_classes: the class names' embeddings stored at export == classify on them.
+    np.testing.assert_allclose(arrays["classify_classes"], reference["classify"], atol=1e-4,
+                               rtol=0)
+    best = reference["classify"].argmax(axis=1)
+    np.testing.assert_array_equal(arrays["class_index"], best)
+    assert list(arrays["class_name"]) == [LABELS[i] for i in best]
     # The scores say something (not all saturated), and softmax rows are distributions.
     assert arrays["classify"].std() > 1e-3
     if kind == "softmax":
@@ -257,7 +268,8 @@ def test_bad_inputs_give_clear_errors_and_the_model_keeps_working(exported):
 def test_signatures_have_the_documented_names_and_dtypes(exported):
     _, _, _, _, _, _, result, _ = exported
     signatures = result["signatures"]
-    assert set(signatures) == {"embed_image", "embed_text", "classify", "serving_default"}
+    assert set(signatures) == {"embed_image", "embed_text", "classify", "classify_classes",
+                               "serving_default"}
     assert signatures["embed_image"] == {
         "inputs": {"image_bytes": ["string", [None]]},
         "outputs": {"embedding": ["float32", [None, DIM]]}}
@@ -268,6 +280,11 @@ def test_signatures_have_the_documented_names_and_dtypes(exported):
         "inputs": {"image_bytes": ["string", [None]], "labels": ["string", [None]]},
         "outputs": {"scores": ["float32", [None, None]]}}
     assert signatures["serving_default"] == signatures["classify"]
+    # Every input and output has the batch dimension first: TF Serving can batch it.
+    assert signatures["classify_classes"] == {
+        "inputs": {"image_bytes": ["string", [None]]},
+        "outputs": {"scores": ["float32", [None, len(LABELS)]],
+                    "class_index": ["int64", [None]], "class_name": ["string", [None]]}}
 
 
 def test_export_info_and_warmup_requests(exported, templates):
@@ -290,7 +307,11 @@ def test_export_info_and_warmup_requests(exported, templates):
     # One warm-up request a signature, and they all run against the export.
     logs = warmup.read_warmup_requests(export_dir)
     names = sorted(log.predict_log.request.model_spec.signature_name for log in logs)
-    assert names == ["classify", "embed_image", "embed_text", "serving_default"]
+    assert names == ["classify", "classify_classes", "embed_image", "embed_text",
+                     "serving_default"]
+    assert info["class_names"] == LABELS
+    assert info["signatures"]["classify_classes"]["outputs"]["scores"] == {
+        "dtype": "float32", "shape": [None, len(LABELS)]}
     assert {log.predict_log.request.model_spec.name for log in logs} == {"two_tower"}
     # No staging folder is left next to the version.
     assert os.listdir(os.path.dirname(export_dir)) == ["1"]
