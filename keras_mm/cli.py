@@ -35,6 +35,8 @@ BENCHES: Dict[str, tuple] = {
              "Beam job records/s on the digits and tf.data examples/s at 224x224"),
     "two-tower": ("keras_mm.bench.two_tower",
                   "SigLIP train step examples/s: ours vs keras-hub's SigLIPBackbone"),
+    "moe": ("keras_mm.bench.moe",
+            "LIMoE train step time at fixed per-token compute as experts grow"),
 }
 # command -> (module:function taking argv and returning a summary dict, help)
 COMMANDS: Dict[str, tuple] = {

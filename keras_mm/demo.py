@@ -1,7 +1,9 @@
-"""``kmm demo``: the whole two-tower path on the bundled digits, offline, on a laptop CPU.
+"""``kmm demo``: the whole contrastive path on the bundled digits, offline, on a laptop CPU.
 
 1. label-as-text Beam job on scikit-learn's real handwritten digits (+ SentencePiece tokenizer),
-2. SigLIP training of the tiny preset (``siglip_digits`` recipe),
+2. training of the tiny preset: SigLIP two towers (``--model two_tower``, recipe
+   ``siglip_digits``) or one LIMoE sparse mixture-of-experts transformer (``--model limoe``,
+   ``limoe_digits``; also writes routing figures next to the run),
 3. zero-shot classification of the test digits with the eval templates (never trained on),
    and image <-> text retrieval,
 4. export to a TF Serving SavedModel (``<out>/saved_models/siglip_digits/1``),
@@ -48,10 +50,17 @@ print(json.dumps({"export_top1": correct / total, "examples": total,
 """
 
 
+DEMO_RECIPES = {"two_tower": "siglip_digits", "limoe": "limoe_digits"}
+
+
 def build_parser():
     parser = ArgParser(prog="kmm demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="folder for everything the demo makes")
-    parser.add_argument("--recipe", default="siglip_digits", help="two-tower recipe to train")
+    parser.add_argument("--model", default="two_tower", choices=sorted(DEMO_RECIPES),
+                        help="model family (its digits recipe: "
+                             + ", ".join(f"{k}: {v}" for k, v in sorted(DEMO_RECIPES.items()))
+                             + ")")
+    parser.add_argument("--recipe", default=None, help="recipe to train (default: the model's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="PATH=VALUE", help="override a recipe field (repeatable)")
     parser.add_argument("--vocab_size", type=int, default=400, help="tokenizer vocabulary")
@@ -70,6 +79,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     from keras_mm.training import trainer
 
     args = build_parser().parse_args(list(argv) if argv is not None else None)
+    args.recipe = args.recipe or DEMO_RECIPES[args.model]
     start = time.time()
     out = os.path.abspath(args.out)
     data_dir = os.path.join(out, "digits")

@@ -33,6 +33,15 @@ Families:
 Every getter returns a fresh dict; keyword overrides replace preset values, so
 ``vit_config("b16", pool="map", remat=True)`` is the ViT-B/16 with a MAP head and
 gradient checkpointing.
+
+Architecture options of later papers are overrides too:
+
+* ViT-22B (Dehghani et al. 2023) blocks: ``vit22b_style(vit_config("b16"))`` =
+  ``vit_config("b16", block="parallel", qk_norm=True, qkv_bias=False)`` - parallel attention +
+  MLP on one shared norm, QK normalisation, no QKV biases, norms without centring or bias
+  (RMSNorm), MLP biases kept.
+* FlexiViT (Beyer et al. 2023): ``vit_config("b16", patch_sizes=(8, 10, 12, 16, 20, 24, 32))``
+  trains with one random patch size per step (``keras_mm.encoders.vit.FlexiPatchSizeCallback``).
 """
 
 from __future__ import annotations
@@ -63,7 +72,31 @@ TWO_TOWER = {
     "clip_b16": dict(image="b16", text="clip_b16", embed_dim=512, style="clip"),
 }
 
-FAMILIES = {"vit": VIT, "text": TEXT, "two_tower": TWO_TOWER}
+# LIMoE (Mustafa et al. 2022): the ViT sizes above for the shared one-tower transformer, top-1
+# routing, capacity factor 1.0, Batch Priority Routing, MoE in every other block (V-MoE's
+# "Every-2", which LIMoE builds on). B/16 has 8 experts and L/16 32, the paper's main models.
+# tiny (4 experts, 2 of 4 blocks sparse) is the digits demo's, with the dense tiny sizes so the
+# per-token compute equals the dense two-tower tiny model's. tau (the global entropy threshold,
+# in experts) and the loss weights are our defaults for these sizes.
+LIMOE = {
+    "tiny": dict(encoder=dict(image_size=64, patch_size=8, vocab_size=1000, max_len=16,
+                              width=192, depth=4, heads=3, mlp_dim=768, num_experts=4,
+                              moe_every=2, group_size=512),
+                 losses=dict(local_entropy_weight=0.01, global_entropy_weight=0.01,
+                             global_entropy_tau=2.0)),
+    "b16": dict(encoder=dict(image_size=224, patch_size=16, vocab_size=32_000, max_len=64,
+                             width=768, depth=12, heads=12, mlp_dim=3072, num_experts=8,
+                             moe_every=2, group_size=1024),
+                losses=dict(local_entropy_weight=0.01, global_entropy_weight=0.01,
+                            global_entropy_tau=4.0)),
+    "l16": dict(encoder=dict(image_size=224, patch_size=16, vocab_size=32_000, max_len=64,
+                             width=1024, depth=24, heads=16, mlp_dim=4096, num_experts=32,
+                             moe_every=2, group_size=1024),
+                losses=dict(local_entropy_weight=0.01, global_entropy_weight=0.01,
+                            global_entropy_tau=8.0)),
+}
+
+FAMILIES = {"vit": VIT, "text": TEXT, "two_tower": TWO_TOWER, "limoe": LIMOE}
 STYLES = ("siglip", "clip")
 
 
@@ -85,6 +118,15 @@ def _lookup(family, name):
 def vit_config(name, **overrides):
     """``ViTEncoder`` kwargs of an image preset, with overrides."""
     return {**_lookup("vit", name), **overrides}
+
+
+VIT22B_STYLE = dict(block="parallel", qk_norm=True, qkv_bias=False)
+
+
+def vit22b_style(config, **overrides):
+    """``ViTEncoder`` kwargs with ViT-22B's blocks (``VIT22B_STYLE``) and then ``overrides``,
+    e.g. ``vit22b_style(vit_config("b16"))``; returns a new dict."""
+    return {**copy.deepcopy(config), **VIT22B_STYLE, **overrides}
 
 
 def text_config(name, **overrides):
@@ -120,3 +162,13 @@ def two_tower_config(name, style=None, image_overrides=None, text_overrides=None
     image.update(image_overrides or {})
     text.update(text_overrides or {})
     return {"image": image, "text": text, "embed_dim": embed}
+
+
+def limoe_config(name, **overrides):
+    """``OneTowerEncoder`` kwargs of a LIMoE preset, with overrides."""
+    return {**_lookup("limoe", name)["encoder"], **overrides}
+
+
+def limoe_loss_weights(name):
+    """``LIMoEModel`` auxiliary-loss kwargs of a LIMoE preset."""
+    return dict(_lookup("limoe", name)["losses"])

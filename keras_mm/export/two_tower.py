@@ -308,7 +308,7 @@ class TwoTowerExportModule(tf.Module):
         head = self._model.obj.logits
         return {
             "format_version": FORMAT_VERSION,
-            "model": MODEL_KIND,
+            "model": getattr(self._model.obj, "family", MODEL_KIND),
             "loss": self.loss_type,
             "image_size": self.image_size,
             "eval_mode": config.eval_mode,

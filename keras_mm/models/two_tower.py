@@ -48,6 +48,9 @@ class TwoTowerModel(keras.Model):
         log_scale_init, bias_init: override the initial t' (or log scale) and b.
     """
 
+    # The model family named in exports (keras_mm_export.json) and run summaries.
+    family = "two_tower"
+
     def __init__(self, image_encoder, text_encoder, loss="sigmoid", chunked=False,
                  lock_image=False, log_scale_init=None, bias_init=None, **kwargs):
         super().__init__(**kwargs)

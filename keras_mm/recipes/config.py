@@ -64,11 +64,44 @@ class DataConfig:
 
 
 @dataclasses.dataclass
-class ModelConfig:
-    """The model; placeholder fields for the two-tower family (the model owners extend this).
+class MoeConfig:
+    """Sparse mixture of experts (``model.kind="limoe"``); None: the LIMoE preset's value.
 
     Attributes:
-      kind: model family ("two_tower", ...).
+      num_experts: experts per MoE block (E).
+      moe_every: every n-th block is an MoE block (counted from the last).
+      capacity_factor: C = ceil(capacity_factor * k * group_size / E) slots per expert and group.
+      group_size: tokens routed together.
+      bpr: Batch Priority Routing (slots by descending gate instead of position).
+      noise_std: router noise in training (relative, V-MoE).
+      local_entropy_weight, global_entropy_weight, global_entropy_tau: LIMoE's auxiliary losses.
+      importance_weight, load_weight: V-MoE's balancing losses.
+    """
+
+    num_experts: Optional[int] = None
+    moe_every: Optional[int] = None
+    capacity_factor: float = 1.0
+    group_size: Optional[int] = None
+    bpr: bool = True
+    noise_std: float = 0.0
+    local_entropy_weight: Optional[float] = None
+    global_entropy_weight: Optional[float] = None
+    global_entropy_tau: Optional[float] = None
+    importance_weight: float = 0.0
+    load_weight: float = 0.0
+
+    def __post_init__(self):
+        _check(self.capacity_factor > 0, f"capacity_factor must be > 0, got {self.capacity_factor}")
+        _check(self.num_experts is None or self.num_experts >= 1,
+               f"num_experts must be >= 1, got {self.num_experts}")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The model.
+
+    Attributes:
+      kind: model family: "two_tower" (CLIP / SigLIP / LiT) or "limoe".
       preset: size preset of the family ("tiny", "s16", "b16", "l16").
       loss: "sigmoid" (SigLIP) or "softmax" (CLIP).
       chunked: SigLIP's chunked loss (logits in memory stay [local batch, local batch]).
@@ -76,6 +109,7 @@ class ModelConfig:
       init_checkpoint: a saved Keras image encoder / classifier to initialise the image tower from.
       embed_dim: shared embedding width; None: the preset's.
       remat: rematerialise each transformer block in the backward pass.
+      moe: the mixture-of-experts settings of "limoe".
     """
 
     kind: str = "two_tower"
@@ -86,6 +120,7 @@ class ModelConfig:
     init_checkpoint: Optional[str] = None
     embed_dim: Optional[int] = None
     remat: bool = False
+    moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
 
 
 @dataclasses.dataclass
@@ -275,6 +310,9 @@ RECIPES = {
     "siglip_digits": "keras_mm.recipes.two_tower:siglip_digits",
     "clip_digits": "keras_mm.recipes.two_tower:clip_digits",
     "siglip_b16": "keras_mm.recipes.two_tower:siglip_b16",
+    "limoe_digits": "keras_mm.recipes.limoe:limoe_digits",
+    "limoe_b16": "keras_mm.recipes.limoe:limoe_b16",
+    "limoe_l16": "keras_mm.recipes.limoe:limoe_l16",
 }
 
 

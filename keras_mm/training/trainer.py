@@ -25,9 +25,11 @@ from keras_mm.training import callbacks as cb
 
 LOG = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
+MODEL_KINDS = ("two_tower", "limoe")
 CONTRACT_METRICS = (
     "zero_shot_top1", "zero_shot_top5", "retrieval_i2t_r1", "retrieval_i2t_r5",
-    "retrieval_i2t_r10", "retrieval_t2i_r1", "retrieval_t2i_r5", "retrieval_t2i_r10")
+    "retrieval_i2t_r10", "retrieval_t2i_r1", "retrieval_t2i_r5", "retrieval_t2i_r10",
+    "routing_success_image", "routing_success_text")
 
 
 def checkpoint_dir(cfg) -> str:
@@ -46,8 +48,13 @@ def build_model(cfg, tokenizer):
     from keras_mm.models.two_tower import build_two_tower, locked_image_tower
 
     m = cfg.model
-    if m.kind != "two_tower":
-        raise config_lib.ConfigError(f"model.kind {m.kind!r}: this trainer builds 'two_tower'")
+    if m.kind not in MODEL_KINDS:
+        raise config_lib.ConfigError(f"model.kind {m.kind!r}: valid kinds: "
+                                     f"{', '.join(MODEL_KINDS)}")
+    if m.kind == "limoe":
+        model = _build_limoe(cfg, tokenizer)
+        _build_on_zeros(model, cfg)
+        return model
     if m.lit and not m.init_checkpoint:
         raise config_lib.ConfigError("model.lit needs model.init_checkpoint (a .keras image "
                                      "encoder or classifier)")
@@ -61,10 +68,40 @@ def build_model(cfg, tokenizer):
                             max_len=cfg.data.input.max_text_len, chunked=m.chunked,
                             image_overrides=image_overrides, text_overrides=text_overrides,
                             image_tower=tower)
+    _build_on_zeros(model, cfg)
+    return model
+
+
+def _build_on_zeros(model, cfg):
     size = cfg.data.input.image_size
     model({"image": keras.ops.zeros((1, size, size, 3)),
            "text": keras.ops.ones((1, cfg.data.input.max_text_len), "int32")})
-    return model
+
+
+def _build_limoe(cfg, tokenizer):
+    """A LIMoEModel: the LIMoE preset, with ``model.moe`` fields that are set replacing it."""
+    import dataclasses
+
+    from keras_mm.encoders import presets
+    from keras_mm.models.limoe import build_limoe
+
+    m = cfg.model
+    if m.lit or m.chunked:
+        raise config_lib.ConfigError("model.kind 'limoe' has no LiT / chunked mode")
+    moe = dataclasses.asdict(m.moe)
+    weights = {k: v for k, v in moe.items() if k in (
+        "local_entropy_weight", "global_entropy_weight", "global_entropy_tau",
+        "importance_weight", "load_weight") and v is not None}
+    overrides = {k: v for k, v in moe.items() if k in (
+        "num_experts", "moe_every", "capacity_factor", "group_size", "bpr", "noise_std")
+        and v is not None}
+    overrides.update(image_size=cfg.data.input.image_size, remat=m.remat)
+    if m.embed_dim:
+        overrides["output_dim"] = m.embed_dim
+    presets.limoe_config(m.preset)   # a clear error for an unknown preset
+    return build_limoe(m.preset, m.loss, vocab_size=tokenizer.vocab_size,
+                       max_len=cfg.data.input.max_text_len, encoder_overrides=overrides,
+                       **weights)
 
 
 def _check_data(cfg):
@@ -124,6 +161,15 @@ def train(cfg, *, extra_callbacks=(), verbose="auto"):
                                       global_batch_size=cfg.data.input.batch_size)
     if cfg.eval.every_steps:
         callbacks = list(callbacks) + [PeriodicEval(cfg, tokenizer, callbacks[1], initial_step)]
+    if hasattr(model, "routing_terms"):   # MoE: expert load per layer and modality, figures
+        from keras_mm.training.routing_monitor import RoutingMonitor
+
+        probe = next(iter(datasets.eval_dataset(cfg.eval.folder or cfg.data.folder,
+                                                cfg.eval.split, cfg.data.input,
+                                                tokenizer=tokenizer)))
+        callbacks = list(callbacks) + [RoutingMonitor(
+            {"image": probe["image"], "text": probe["text"]}, callbacks[1],
+            cfg.train.log_every, figure_dir=cfg.train.out_dir, initial_step=initial_step)]
     if verbose == "auto":  # a progress bar on a terminal, one line per epoch in logs / CI
         import sys
 
@@ -228,7 +274,27 @@ def evaluate(cfg, model=None, tokenizer=None) -> Dict[str, float]:
             raise config_lib.ConfigError(
                 f"eval.tasks: unknown task {task!r}; valid: {', '.join(config_lib.EVAL_TASKS)}")
         metrics.update({k: float(v) for k, v in out.items() if reported(k)})
+    if hasattr(model, "routing_terms"):   # MoE models: routing success on the eval split
+        metrics.update(routing_metrics(model, split(cfg.eval.split), cfg.eval.max_examples))
     return metrics
+
+
+def routing_metrics(model, dataset, max_examples=None) -> Dict[str, float]:
+    """``routing_success_<m>`` and ``gate_entropy_<m>`` of an MoE model over eval batches
+    (inference capacity), weighted by batch size."""
+    import numpy as np
+
+    names = [f"{s}_{m}" for m in ("image", "text") for s in ("routing_success", "gate_entropy")]
+    sums, count = dict.fromkeys(names, 0.0), 0
+    for batch in dataset:
+        n = int(batch["image"].shape[0])
+        out = model({"image": batch["image"], "text": batch["text"]}, training=False)
+        for name in names:
+            sums[name] += n * float(np.asarray(keras.ops.convert_to_numpy(out[name])))
+        count += n
+        if max_examples and count >= max_examples:
+            break
+    return {name: value / max(count, 1) for name, value in sums.items()}
 
 
 class PeriodicEval(cb._GlobalStepCallback):
@@ -262,8 +328,7 @@ def write_summary(cfg, *, train_seconds: float, metrics: Dict[str, float],
         with open(path) as f:
             summary = json.load(f)
     summary.update({
-        "model": cfg.model.kind if cfg.model.kind != "two_tower" else
-        f"two_tower_{cfg.model.loss}" + ("_lit" if cfg.model.lit else ""),
+        "model": f"{cfg.model.kind}_{cfg.model.loss}" + ("_lit" if cfg.model.lit else ""),
         "preset": cfg.model.preset,
         "train_seconds": round(float(train_seconds), 3),
         "train_steps": int(cfg.train.steps),

@@ -76,3 +76,24 @@ def test_eval_export_and_resumed_train_on_the_run(demo):
     assert json.load(open(out / "run" / "summary.json"))["train_steps"] == 30
     ckpts = sorted(os.listdir(out / "run" / "checkpoints"))
     assert "ckpt-00000030" in ckpts and "ckpt-00000020" in ckpts, ckpts
+
+
+@pytest.mark.slow
+def test_limoe_demo_reports_routing_and_exports(tmp_path):
+    """kmm demo --model limoe: one sparse MoE transformer through the same path; the summary
+    has the routing success per modality, the export serves it in a TF-only process."""
+    out = tmp_path / "limoe"
+    result = _kmm("demo", "--model", "limoe", "--out", str(out), *SHORT)
+    assert "[5/5]" in result.stdout and "limoe_digits" in result.stdout
+    summary = json.load(open(out / "summary.json"))
+    assert summary["model"] == "limoe_sigmoid" and summary["train_steps"] == 20
+    for name in ("routing_success_image", "routing_success_text", "zero_shot_top1"):
+        assert 0.0 <= summary["metrics"][name] <= 1.0, name
+    check = summary["export_check"]
+    assert not check["keras_mm_imported"]
+    assert abs(check["zero_shot_top1"] - summary["metrics"]["zero_shot_top1"]) < 0.02
+    info = json.load(open(os.path.join(summary["export_dir"], "assets.extra",
+                                       "keras_mm_export.json")))
+    assert info["model"] == "limoe" and "classify_classes" in info["signatures"]
+    for figure in ("routing_experts.png", "routing_success.png"):
+        assert (out / "run" / figure).stat().st_size > 1000, figure
