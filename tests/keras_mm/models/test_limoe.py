@@ -120,6 +120,6 @@ def test_build_limoe_presets():
     encoder = model.encoder
     assert encoder.num_experts == 4 and encoder.moe_indices == (1, 3)
     assert (encoder.width, encoder.depth, encoder.mlp_dim) == (192, 4, 768)
-    assert model.global_entropy_tau == 2.0
+    assert model.global_entropy_tau == 4.0 and model.local_entropy_weight == 0.05
     with pytest.raises(ValueError, match="valid names"):
         build_limoe("huge")
