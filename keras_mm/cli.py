@@ -37,6 +37,8 @@ BENCHES: Dict[str, tuple] = {
                   "SigLIP train step examples/s: ours vs keras-hub's SigLIPBackbone"),
     "moe": ("keras_mm.bench.moe",
             "LIMoE train step time at fixed per-token compute as experts grow"),
+    "flexivit": ("keras_mm.bench.flexivit",
+                 "FlexiViT vs fixed-patch ViTs on the digits: accuracy and speed per patch"),
 }
 # command -> (module:function taking argv and returning a summary dict, help)
 COMMANDS: Dict[str, tuple] = {

@@ -1,15 +1,30 @@
 """Vision Transformer image encoder (Dosovitskiy et al. 2021), in the big_vision form: patch
 embedding + position embedding (+ a [CLS] token, added after the position embedding), pre-LN
 transformer with a final LayerNorm, then pooling (``cls`` / ``gap`` / ``map``) and an optional
-projection head. Presets: ``keras_mm.encoders.presets.vit_config``."""
+projection head. Presets: ``keras_mm.encoders.presets.vit_config``.
+
+Options of later papers:
+
+* FlexiViT (Beyer et al. 2023): ``patch_sizes=(8, 12, 16)`` keeps one underlying patch kernel
+  (``FlexiPatchEmbedding``, PI-resized per patch size) and resizes the learned position
+  embeddings bilinearly to each patch grid; ``call(images, patch_size=p)`` or
+  ``set_patch_size(p)`` picks the size. Training draws one size per step, uniformly from
+  ``patch_sizes``, with ``FlexiPatchSizeCallback`` (below): the patch size changes tensor shapes,
+  so it is chosen on the host between steps, and the model keeps one compiled train function per
+  patch size (``tf.function`` on TensorFlow, ``jax.jit`` on JAX), each traced on first use.
+* ViT-22B (Dehghani et al. 2023): ``block="parallel"`` (+ ``qk_norm=True, qkv_bias=False``, see
+  ``presets.vit22b_style``).
+"""
 
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_mm.encoders.projection_head import ProjectionHead
 from keras_mm.layers import pooling
+from keras_mm.layers.flexi_patch_embedding import FlexiPatchEmbedding
 from keras_mm.layers.learned_position_embedding import LearnedPositionEmbedding
 from keras_mm.layers.map_head import MAPHead
 from keras_mm.layers.patch_embedding import PatchEmbedding
@@ -46,13 +61,29 @@ class ViTEncoder(keras.Model):
             ``keras_mm.layers.attention``).
         patch_impl: ``"conv"`` or ``"matmul"`` (see ``PatchEmbedding``).
         layer_norm_epsilon: of all LayerNorms.
+        patch_sizes: None (one fixed patch size, ``patch_size``) or FlexiViT's set of square
+            patch sizes (ints) drawn from in training; ``patch_size`` must be one of them and
+            is the size used when none is asked for (inference default, position-embedding
+            grid ``image_size // patch_size``). Any positive patch size works at inference.
+        base_patch_size: FlexiViT's underlying kernel size (int); default ``max(patch_sizes)``,
+            so that every training size is reached by PI-resizing down (least squares) or not
+            at all. FlexiViT uses 32 for sizes 8..48.
+        block: ``"pre_ln"`` or ``"parallel"`` (ViT-22B), see ``TransformerEncoder``.
+
+    ``patch_sizes``, ``base_patch_size`` and ``block`` appear in the config only when set, so
+    the configs of fixed-patch pre-LN encoders are unchanged.
+
+    Call args: ``images``, ``training``, ``return_tokens``, ``patch_size`` (int, static; None =
+    the size set by ``set_patch_size``, else ``patch_size``; a fixed-patch encoder accepts only
+    its own).
     """
 
     def __init__(self, image_size=224, patch_size=16, width=768, depth=12, heads=12,
                  mlp_dim=3072, pool="cls", pos_embedding="learned", output_dim=None,
                  head_hidden_dim=None, head_bias=True, dropout=0.0, attention_dropout=0.0,
                  drop_path=0.0, remat=False, qk_norm=False, qkv_bias=True, fused_qkv=True,
-                 attention_impl=None, patch_impl="conv", layer_norm_epsilon=1e-6, **kwargs):
+                 attention_impl=None, patch_impl="conv", layer_norm_epsilon=1e-6,
+                 patch_sizes=None, base_patch_size=None, block="pre_ln", **kwargs):
         super().__init__(**kwargs)
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -77,11 +108,20 @@ class ViTEncoder(keras.Model):
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.grid_size = (self.image_size[0] // self.patch_size[0],
                           self.image_size[1] // self.patch_size[1])
+        self.patch_sizes, self.base_patch_size = _flexi_sizes(
+            patch_sizes, base_patch_size, self.patch_size)
+        self.block = block
+        self.active_patch_size = None     # (p_h, p_w) from set_patch_size(); None = patch_size
 
         policy = self.dtype_policy
-        self.patch_embedding = PatchEmbedding(self.patch_size, self.width,
-                                              implementation=patch_impl, dtype=policy,
-                                              name="patch_embedding")
+        if self.patch_sizes is None:
+            self.patch_embedding = PatchEmbedding(self.patch_size, self.width,
+                                                  implementation=patch_impl, dtype=policy,
+                                                  name="patch_embedding")
+        else:
+            self.patch_embedding = FlexiPatchEmbedding(self.base_patch_size, self.width,
+                                                       implementation=patch_impl, dtype=policy,
+                                                       name="patch_embedding")
         if pos_embedding == "learned":
             self.position_embedding = LearnedPositionEmbedding(self.grid_size, dtype=policy,
                                                                name="position_embedding")
@@ -95,7 +135,7 @@ class ViTEncoder(keras.Model):
             attention_dropout=self.attention_dropout, drop_path=self.drop_path,
             qk_norm=self.qk_norm, use_qkv_bias=self.qkv_bias, fused_qkv=self.fused_qkv,
             attention_impl=attention_impl, layer_norm_epsilon=self.layer_norm_epsilon,
-            remat=self.remat, dtype=policy, name="encoder")
+            remat=self.remat, block=block, dtype=policy, name="encoder")
         self.attention_impl = self.encoder.attention_impl
         self.map_head = (MAPHead(self.heads, self.mlp_dim, fused_qkv=self.fused_qkv,
                                  use_qkv_bias=self.qkv_bias, attention_impl=attention_impl,
@@ -111,7 +151,7 @@ class ViTEncoder(keras.Model):
         self.patch_embedding.build(input_shape)
         height = input_shape[1] or self.image_size[0]
         width = input_shape[2] or self.image_size[1]
-        gh, gw = self.patch_embedding.grid_size((None, height, width))
+        gh, gw = height // self.patch_size[0], width // self.patch_size[1]
         tokens_shape = (input_shape[0], gh * gw, self.width)
         self.position_embedding.build(tokens_shape)
         if self.pool == "cls":
@@ -124,9 +164,38 @@ class ViTEncoder(keras.Model):
         if self.head is not None:
             self.head.build((input_shape[0], self.width))
 
-    def call(self, images, training=None, return_tokens=False):
-        x = self.patch_embedding(images)                                   # [b, n, width]
-        x = self.position_embedding(x, grid_size=self.patch_embedding.grid_size(images.shape))
+    def set_patch_size(self, patch_size):
+        """The patch size of later calls without ``patch_size`` (None: back to ``patch_size``).
+
+        A compiled function (``model.fit`` / ``evaluate`` / ``predict``) that already traced
+        this encoder keeps the size it was traced with: use ``set_model_patch_size`` on the
+        outer model (it gives the model new compiled functions) or ``FlexiPatchSizeCallback``."""
+        self.active_patch_size = (None if patch_size is None
+                                  else self.current_patch_size(patch_size))
+
+    def current_patch_size(self, patch_size=None):
+        """The ``(p_h, p_w)`` a call with this ``patch_size`` argument uses (None: the size set
+        by ``set_patch_size``, else ``patch_size``)."""
+        if patch_size is None:
+            patch_size = self.active_patch_size
+        if patch_size is None:
+            return self.patch_size
+        if self.patch_sizes is None:
+            if _pair(patch_size) != self.patch_size:
+                raise ValueError(f"this ViTEncoder has the fixed patch size {self.patch_size}; "
+                                 f"got patch_size={patch_size}. Give patch_sizes=(...) "
+                                 "(FlexiViT) to run other patch sizes")
+            return self.patch_size
+        p = _square(patch_size)
+        return (p, p)
+
+    def call(self, images, training=None, return_tokens=False, patch_size=None):
+        ph, pw = self.current_patch_size(patch_size)
+        if self.patch_sizes is None:
+            x = self.patch_embedding(images)                               # [b, n, width]
+        else:
+            x = self.patch_embedding(images, patch_size=(ph, pw))          # [b, n, width]
+        x = self.position_embedding(x, grid_size=(images.shape[1] // ph, images.shape[2] // pw))
         if self.pool == "cls":
             cls = ops.broadcast_to(ops.cast(self.cls_token, x.dtype),
                                    (ops.shape(x)[0], 1, self.width))
@@ -155,4 +224,170 @@ class ViTEncoder(keras.Model):
             qkv_bias=self.qkv_bias, fused_qkv=self.fused_qkv,
             attention_impl=self.attention_impl, patch_impl=self.patch_impl,
             layer_norm_epsilon=self.layer_norm_epsilon)
+        if self.patch_sizes is not None:
+            config.update(patch_sizes=list(self.patch_sizes),
+                          base_patch_size=self.base_patch_size)
+        if self.block != "pre_ln":
+            config["block"] = self.block
         return config
+
+
+def _pair(patch_size):
+    if isinstance(patch_size, (tuple, list)):
+        return tuple(int(v) for v in patch_size)
+    return (int(patch_size), int(patch_size))
+
+
+def _square(patch_size):
+    """An int patch side from an int or a square pair."""
+    if isinstance(patch_size, (tuple, list)):
+        if len(patch_size) != 2 or int(patch_size[0]) != int(patch_size[1]):
+            raise ValueError(f"FlexiViT patch sizes are square ints, got {patch_size}")
+        patch_size = patch_size[0]
+    if not isinstance(patch_size, (int, np.integer)) or int(patch_size) < 1:
+        raise ValueError(f"patch size must be a positive int, got {patch_size!r}")
+    return int(patch_size)
+
+
+def _flexi_sizes(patch_sizes, base_patch_size, patch_size):
+    """Validated ``(patch_sizes tuple, base patch size)``, or ``(None, None)``."""
+    if patch_sizes is None:
+        if base_patch_size is not None:
+            raise ValueError("base_patch_size needs patch_sizes (FlexiViT)")
+        return None, None
+    sizes = tuple(_square(p) for p in patch_sizes)
+    if not sizes or len(set(sizes)) != len(sizes):
+        raise ValueError(f"patch_sizes must be distinct ints, got {patch_sizes}")
+    if patch_size[0] != patch_size[1] or patch_size[0] not in sizes:
+        raise ValueError(f"patch_size {patch_size} must be one of patch_sizes {sizes}")
+    base = max(sizes) if base_patch_size is None else _square(base_patch_size)
+    return sizes, base
+
+
+def flexible_encoders(model):
+    """Every ``ViTEncoder`` with ``patch_sizes`` in ``model`` (itself included; found with
+    Keras' ``Layer._flatten_layers``, which walks nested layers and models)."""
+    return [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+            if isinstance(layer, ViTEncoder) and layer.patch_sizes is not None]
+
+
+def set_model_patch_size(model, patch_size):
+    """Sets ``patch_size`` (None = each encoder's default) on every FlexiViT encoder inside
+    ``model`` and gives the model new compiled train / test / predict functions
+    (``compiled_function``), which trace with that size on their first call. Use it (not
+    ``ViTEncoder.set_patch_size`` alone) before ``fit`` / ``evaluate`` / ``predict`` /
+    ``*_on_batch`` at another patch size. Returns the encoders."""
+    encoders = flexible_encoders(model)
+    if not encoders:
+        raise ValueError(f"{model.name} holds no ViTEncoder with patch_sizes")
+    for encoder in encoders:
+        encoder.set_patch_size(patch_size)
+    for kind in ("train", "test", "predict"):
+        setattr(model, f"{kind}_function",
+                compiled_function(model, kind, patch_size)
+                if kind == "predict" or getattr(model, "compiled", False) else None)
+    return encoders
+
+
+def compiled_function(model, kind, tag):
+    """A new ``model.{kind}_function`` (kind ``"train"``, ``"test"`` or ``"predict"``) built by
+    ``model.make_{kind}_function(force=True)`` around a fresh closure of ``model.{kind}_step``.
+
+    Why a fresh closure: ``jax.jit`` caches traces by function and argument shapes, and the
+    bound methods ``model.train_step`` of one model compare equal, so a new ``jax.jit`` of
+    ``model.train_step`` would silently reuse a trace made at another patch size (the patch
+    size is a Python attribute, not an argument). Each closure is a new function, so it is
+    traced anew on its first call. (On TensorFlow every ``make_*_function`` is a new
+    ``tf.function`` with its own trace cache either way.) ``tag`` (the patch size) only names it.
+    """
+    name = f"{kind}_step"
+    method = getattr(type(model), name)
+
+    def step(*args, **kwargs):
+        return method(model, *args, **kwargs)
+
+    step.__name__ = f"{name}_patch_{tag}"
+    object.__setattr__(model, name, step)       # shadows the method while Keras reads it
+    try:
+        getattr(model, f"make_{kind}_function")(force=True)
+    finally:
+        object.__delattr__(model, name)
+    return getattr(model, f"{kind}_function")
+
+
+class FlexiPatchSizeCallback(keras.callbacks.Callback):
+    """FlexiViT training under ``model.fit``: one random patch size per train step.
+
+    Before every train step (``on_train_batch_begin``) it draws a patch size uniformly from
+    ``patch_sizes`` (default: the first flexible encoder's), sets it on every FlexiViT encoder
+    of the model (``ViTEncoder.set_patch_size``), and installs the model's compiled train
+    function for that size: the first time a size is drawn it builds a new one
+    (``compiled_function``: a fresh ``tf.function`` on TensorFlow, a fresh ``jax.jit`` of a fresh
+    closure on JAX), which traces the model with that static size on its first call; later draws
+    reuse it, so a run compiles ``len(patch_sizes)`` train functions in all. Both backends'
+    ``fit`` loops read ``model.train_function`` anew every step, after ``on_train_batch_begin``
+    (Keras 3.15, checked in the tests).
+
+    With ``steps_per_execution=k`` a size holds for ``k`` steps (one compiled call). Validation
+    inside ``fit`` (``on_test_begin``) runs at ``eval_patch_size`` (default None: each encoder's
+    ``patch_size``) with its own compiled test function, and training ends with
+    ``set_model_patch_size(model, eval_patch_size)``. ``counts`` holds how often each size was
+    drawn.
+
+    Args:
+        patch_sizes: the sizes to draw from; default the (first) encoder's ``patch_sizes``.
+        seed: of the host-side NumPy generator that draws the sizes.
+        eval_patch_size: the size set for validation and after training.
+        encoders: the encoders to drive; default every ``ViTEncoder`` with ``patch_sizes``
+            inside the model.
+    """
+
+    def __init__(self, patch_sizes=None, seed=None, eval_patch_size=None, encoders=None):
+        super().__init__()
+        self.patch_sizes = None if patch_sizes is None else tuple(_square(p) for p in patch_sizes)
+        self.seed = seed
+        self.eval_patch_size = eval_patch_size
+        self.encoders = None if encoders is None else list(encoders)
+        self.counts = {}
+        self.last_patch_size = None
+        self._functions = {}
+        self._rng = np.random.default_rng(seed)
+
+    def _resolve(self):
+        encoders = self.encoders or flexible_encoders(self.model)
+        if not encoders:
+            raise ValueError("FlexiPatchSizeCallback: the model holds no ViTEncoder with "
+                             "patch_sizes")
+        return encoders, self.patch_sizes or encoders[0].patch_sizes
+
+    def _install(self, kind, patch_size):
+        for encoder in self._resolve()[0]:
+            encoder.set_patch_size(patch_size)
+        key = (kind, patch_size)
+        if key not in self._functions:
+            self._functions[key] = compiled_function(self.model, kind, patch_size)
+        setattr(self.model, f"{kind}_function", self._functions[key])
+
+    def on_train_begin(self, logs=None):
+        self._functions = {}          # a new fit may follow a new compile: trace again
+        self._resolve()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        sizes = self._resolve()[1]
+        p = int(sizes[int(self._rng.integers(len(sizes)))])
+        self.counts[p] = self.counts.get(p, 0) + 1
+        self.last_patch_size = p
+        self._install("train", p)
+
+    def on_test_begin(self, logs=None):
+        self._install("test", self.eval_patch_size)
+
+    def on_train_end(self, logs=None):
+        self._functions = {}
+        if self.encoders is None:
+            set_model_patch_size(self.model, self.eval_patch_size)
+        else:
+            for encoder in self.encoders:
+                encoder.set_patch_size(self.eval_patch_size)
+            self.model.train_function = self.model.test_function = None
+            self.model.predict_function = None

@@ -48,10 +48,15 @@ class PatchEmbedding(keras.layers.Layer):
         return image_shape[1] // self.patch_size[0], image_shape[2] // self.patch_size[1]
 
     def call(self, images):
-        ph, pw = self.patch_size
-        gh, gw = self.grid_size(tuple(images.shape))
+        return self._embed(images, self.kernel, self.patch_size)
+
+    def _embed(self, images, kernel, patch_size):
+        """Patches of ``patch_size`` projected with ``kernel [p_h, p_w, C, width]`` (+ bias);
+        shared with ``FlexiPatchEmbedding``, which passes a resized kernel."""
+        ph, pw = patch_size
+        gh, gw = images.shape[1] // ph, images.shape[2] // pw
         if self.implementation == "conv":
-            x = ops.conv(images, self.kernel, strides=(ph, pw), padding="valid",
+            x = ops.conv(images, kernel, strides=(ph, pw), padding="valid",
                          data_format="channels_last")                       # [b, gh, gw, d]
         else:
             c = images.shape[-1]
@@ -59,7 +64,7 @@ class PatchEmbedding(keras.layers.Layer):
             x = ops.reshape(x, (-1, gh, ph, gw, pw, c))
             x = ops.transpose(x, (0, 1, 3, 2, 4, 5))                        # [b, gh, gw, ph, pw, c]
             x = ops.reshape(x, (-1, gh * gw, ph * pw * c))
-            return ops.matmul(x, ops.reshape(self.kernel, (ph * pw * c, self.width))) + self.bias
+            return ops.matmul(x, ops.reshape(kernel, (ph * pw * c, self.width))) + self.bias
         return ops.reshape(x, (-1, gh * gw, self.width)) + self.bias
 
     def compute_output_shape(self, input_shape):

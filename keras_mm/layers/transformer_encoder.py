@@ -1,5 +1,6 @@
-"""A stack of pre-LN transformer blocks followed by a final LayerNorm (ViT / big_vision
-``Encoder``; CLIP's text transformer + ``ln_final``)."""
+"""A stack of transformer blocks followed by a final norm: pre-LN blocks + LayerNorm (ViT /
+big_vision ``Encoder``; CLIP's text transformer + ``ln_final``), or ViT-22B's parallel blocks +
+an RMSNorm (``block="parallel"``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import keras
 from keras import ops
 
 from keras_mm.layers.attention import attention_mask as make_attention_mask
+from keras_mm.layers.parallel_transformer_block import ParallelTransformerBlock, make_norm
 from keras_mm.layers.transformer_block import TransformerBlock
+
+BLOCKS = ("pre_ln", "parallel")
 
 
 @keras.saving.register_keras_serializable(package="keras_mm")
@@ -21,7 +25,13 @@ class TransformerEncoder(keras.layers.Layer):
             ``TransformerBlock``.
         drop_path: stochastic-depth rate of the *last* block; block ``i`` gets
             ``drop_path * i / (depth - 1)`` (the linear rule of Huang et al. 2016 / DeiT).
-        final_norm: apply a LayerNorm after the last block.
+        final_norm: apply a norm after the last block.
+        block: ``"pre_ln"`` (``TransformerBlock``, LayerNorms; the default) or ``"parallel"``
+            (ViT-22B's ``ParallelTransformerBlock``: attention and MLP in parallel on one shared
+            norm; all norms, the final one included, are RMSNorms without centring or bias as
+            ViT-22B's). ``qk_norm`` / ``use_qkv_bias`` keep their meaning (ViT-22B: True /
+            False; ``keras_mm.encoders.presets.vit22b_style`` sets all three). The config
+            holds ``block`` only when it is not the default, so pre-LN configs are unchanged.
 
     Call args: ``x``, ``attention_mask`` (computed once, shared by all blocks),
     ``use_causal_mask``, ``training``.
@@ -30,8 +40,11 @@ class TransformerEncoder(keras.layers.Layer):
     def __init__(self, depth, num_heads, mlp_dim, dropout=0.0, attention_dropout=0.0,
                  drop_path=0.0, qk_norm=False, use_qkv_bias=True, fused_qkv=True,
                  attention_impl=None, activation="gelu_approximate", layer_norm_epsilon=1e-6,
-                 remat=False, final_norm=True, **kwargs):
+                 remat=False, final_norm=True, block="pre_ln", **kwargs):
         super().__init__(**kwargs)
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+        self.block = block
         self.depth = int(depth)
         self.num_heads = int(num_heads)
         self.mlp_dim = int(mlp_dim)
@@ -45,21 +58,24 @@ class TransformerEncoder(keras.layers.Layer):
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.remat = bool(remat)
         self.final_norm = bool(final_norm)
+        block_cls, extra = TransformerBlock, {}
+        if block == "parallel":
+            block_cls, extra = ParallelTransformerBlock, dict(norm="rms")
         self.blocks = [
-            TransformerBlock(
+            block_cls(
                 self.num_heads, self.mlp_dim, dropout=self.dropout,
                 attention_dropout=self.attention_dropout,
                 drop_path=self.drop_path * i / max(self.depth - 1, 1), qk_norm=self.qk_norm,
                 use_qkv_bias=self.use_qkv_bias, fused_qkv=self.fused_qkv,
                 attention_impl=attention_impl, activation=activation,
                 layer_norm_epsilon=self.layer_norm_epsilon, remat=self.remat,
-                dtype=self.dtype_policy, name=f"block_{i}")
+                dtype=self.dtype_policy, name=f"block_{i}", **extra)
             for i in range(self.depth)]
         self.attention_impl = (self.blocks[0].attention_impl if self.blocks
                                else attention_impl)
-        self.norm = (keras.layers.LayerNormalization(
-            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="norm")
-            if self.final_norm else None)
+        self.norm = (make_norm("rms" if block == "parallel" else "layer",
+                               self.layer_norm_epsilon, self.dtype_policy, "norm")
+                     if self.final_norm else None)
 
     def build(self, input_shape):
         for block in self.blocks:
@@ -88,4 +104,6 @@ class TransformerEncoder(keras.layers.Layer):
             fused_qkv=self.fused_qkv, attention_impl=self.attention_impl,
             activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
             remat=self.remat, final_norm=self.final_norm)
+        if self.block != "pre_ln":
+            config["block"] = self.block
         return config

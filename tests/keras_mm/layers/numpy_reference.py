@@ -23,6 +23,18 @@ def ln_of(layer, x):
     return layer_norm(x, w(layer.gamma), w(layer.beta), layer.epsilon)
 
 
+def rms_norm(x, scale, eps=1e-6):
+    """RMSNorm (Zhang & Sennrich 2019): no mean subtraction, no bias."""
+    return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * scale
+
+
+def norm_of(layer, x):
+    """A Keras LayerNormalization (gamma, beta) or RMSNormalization (scale only) on ``x``."""
+    if hasattr(layer, "gamma"):
+        return ln_of(layer, x)
+    return rms_norm(x, w(layer.scale), layer.epsilon)
+
+
 def gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
@@ -78,8 +90,8 @@ def mha(layer, query, value=None, mask=None, causal=False):
     k = np.einsum("bnd,dhk->bnhk", value, wk) + bk
     v = np.einsum("bnd,dhk->bnhk", value, wv) + bv
     if layer.qk_norm:
-        q = ln_of(layer.query_norm, q)
-        k = ln_of(layer.key_norm, k)
+        q = norm_of(layer.query_norm, q)
+        k = norm_of(layer.key_norm, k)
     logits = np.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(q.shape[-1])
     allowed = np.ones(logits.shape, bool)
     if mask is not None:
@@ -102,10 +114,17 @@ def block(layer, x, mask=None, causal=False):
     return x + mlp(layer.mlp, ln_of(layer.norm2, x))
 
 
+def parallel_block(layer, x, mask=None, causal=False):
+    """ViT-22B parallel block: x + attn(N(x)) + mlp(N(x)), one norm N for both branches."""
+    h = norm_of(layer.norm, x)
+    return x + mha(layer.attention, h, mask=mask, causal=causal) + mlp(layer.mlp, h)
+
+
 def encoder(layer, x, mask=None, causal=False):
     for b in layer.blocks:
-        x = block(b, x, mask, causal)
-    return ln_of(layer.norm, x) if layer.norm is not None else x
+        step = parallel_block if hasattr(b, "norm") and not hasattr(b, "norm1") else block
+        x = step(b, x, mask, causal)
+    return norm_of(layer.norm, x) if layer.norm is not None else x
 
 
 def map_head(layer, x, mask=None):
@@ -138,3 +157,29 @@ def sincos2d(h, w_, dim, temperature=10_000.0):
                 row += [fn(coord / temperature ** (i / (quarter - 1))) for i in range(quarter)]
             table[y * w_ + x] = row
     return table
+
+
+def bilinear_resize_tf(images, size):
+    """``tf.image.resize(images, size, "bilinear", antialias=False)`` as NumPy (the peer
+    implementation the resize-based references use; TF resizes in float32)."""
+    import tensorflow as tf
+
+    return tf.image.resize(np.asarray(images, np.float64), size, method="bilinear",
+                           antialias=False).numpy()
+
+
+def bilinear_matrix_tf(old, new):
+    """``B [new*new, old*old]``: column k = the k-th ``old x old`` basis image resized to
+    ``new x new`` by ``tf.image.resize`` (row-major pixels)."""
+    n = old * old
+    basis = np.eye(n).reshape(n, old, old, 1)
+    return bilinear_resize_tf(basis, (new, new)).reshape(n, new * new).T
+
+
+def pi_resize_kernel_tf(kernel, new):
+    """FlexiViT's PI-resize ``pinv(B^T) w`` of ``kernel [p, p, c, d]`` with B from
+    ``tf.image.resize`` and NumPy's pinv."""
+    p, _, c, d = kernel.shape
+    resize = np.linalg.pinv(bilinear_matrix_tf(p, new).T)              # [new*new, p*p]
+    return (resize @ np.asarray(kernel, np.float64).reshape(p * p, c * d)).reshape(new, new, c, d)
+
