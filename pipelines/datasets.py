@@ -16,6 +16,23 @@ id          string ``[B]``                  record id
 label       int64 ``[B]``                   label-as-text datasets only
 ==========  ==============================  ==================================================
 
+With ``InputConfig.render_text`` (CLIPPO: captions rendered as images by
+:class:`~keras_mm.pipelines.ops.render_text.TextRenderer`, no tokenizer needed):
+
+===========  ==============================  =================================================
+key          dtype / shape                   what
+===========  ==============================  =================================================
+text_images  float32 ``[B, S, S, 3]``        the caption rendered (train: ``train_caption``,
+                                             eval: first), ``value_range`` like ``image``;
+                                             replaces the training ``text``
+text         int32 ``[B, M]``                eval only: the first caption's Unicode code
+                                             points (M = the renderer's ``max_chars``, 0-padded)
+texts        int32 ``[B, K, M]``             eval with ``eval_texts="all"``: code points
+===========  ==============================  =================================================
+
+The renderer is then the "tokenizer" of the datasets and of the evaluators (its ``tokenize``
+gives code points; see :func:`text_renderer`).
+
 Everything in the map functions is TensorFlow ops (no ``py_function``). Random augmentation is
 stateless, from a per-example seed ``_seed`` derived from ``InputConfig.seed``, the input
 pipeline id and the example's position in the (shuffled) stream.
@@ -33,6 +50,7 @@ import tensorflow as tf
 from keras_mm.pipelines import features as F
 from keras_mm.pipelines.ops import augment as augment_ops
 from keras_mm.pipelines.ops import image as image_ops
+from keras_mm.pipelines.ops import render_text as render_ops
 from keras_mm.pipelines.ops import text as text_ops
 from keras_mm.pipelines.tokenizer import PAD_ID, Tokenizer
 
@@ -79,6 +97,10 @@ class InputConfig:
       resize_antialias: antialias when downscaling (better for large photos, slower).
       deterministic: training batches in a reproducible order (exact resume after a kill, tests);
         False lets tf.data reorder for speed.
+      render_text: CLIPPO: captions become ``text_images`` rendered at ``image_size`` in
+        ``value_range`` (:func:`text_renderer`) instead of token ids; no tokenizer is needed.
+      render_background: grey level (0..255) of the paper the text is rendered on (the text is
+        black): 255 white; big_vision's CLIPPO config renders on 127.
     """
 
     image_size: int = 224
@@ -106,6 +128,8 @@ class InputConfig:
     repeat: bool = True
     resize_antialias: bool = False
     deterministic: bool = False
+    render_text: bool = False
+    render_background: int = 255
 
     def __post_init__(self):
         self.crop_scale = tuple(self.crop_scale)
@@ -132,6 +156,7 @@ class InputConfig:
             (len(self.crop_ratio) == 2 and 0.0 < self.crop_ratio[0] <= self.crop_ratio[1],
              f"crop_ratio must be (min, max) with 0 < min <= max, got {self.crop_ratio}"),
             (self.shuffle_buffer >= 1, "shuffle_buffer must be >= 1"),
+            (0 <= self.render_background <= 255, "render_background must be in [0, 255]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -162,6 +187,27 @@ def detect_kind(folder: str) -> str:
     if tf.io.gfile.exists(os.path.join(folder, CLASSNAMES_FILE)):
         return F.LABEL_AS_TEXT
     return F.IMAGE_TEXT
+
+
+def text_renderer(config: InputConfig) -> render_ops.TextRenderer:
+    """The CLIPPO text renderer of a config: ``image_size`` images in ``value_range``, black
+    text on ``render_background``, the default layout of that size (see
+    :mod:`keras_mm.pipelines.ops.render_text`)."""
+    return render_ops.TextRenderer(config.image_size, value_range=config.value_range,
+                                   background=config.render_background)
+
+
+def _text_encoder(folder: str, config: InputConfig, tokenizer):
+    """The given tokenizer, or the folder's; with ``render_text`` a TextRenderer (given or
+    built from the config)."""
+    if not config.render_text:
+        return tokenizer or load_tokenizer(folder, config)
+    if tokenizer is None:
+        return text_renderer(config)
+    if not isinstance(tokenizer, render_ops.TextRenderer):
+        raise TypeError(f"InputConfig.render_text needs a TextRenderer (or None), got "
+                        f"{type(tokenizer).__name__}; see datasets.text_renderer(config)")
+    return tokenizer
 
 
 def load_tokenizer(folder: str, config: InputConfig) -> Tokenizer:
@@ -217,8 +263,9 @@ def eval_image_ops(config: InputConfig) -> image_ops.Op:
     return image_ops.compose(*ops)
 
 
-def _select(features: Dict[str, tf.Tensor], kind: str, extra: Tuple[str, ...] = ()):
-    keys = ("image", "text", F.ID) + extra
+def _select(features: Dict[str, tf.Tensor], kind: str, extra: Tuple[str, ...] = (),
+            text_keys: Tuple[str, ...] = ("text",)):
+    keys = ("image",) + text_keys + (F.ID,) + extra
     if kind == F.LABEL_AS_TEXT:
         keys += (F.LABEL,)
     return {k: features[k] for k in keys}
@@ -227,21 +274,33 @@ def _select(features: Dict[str, tf.Tensor], kind: str, extra: Tuple[str, ...] = 
 def _train_preprocess(kind: str, config: InputConfig, tokenizer: Tokenizer):
     images = train_image_ops(config)
     caption = text_ops.choose_caption(config.train_caption, key=F.TEXTS, out_key="text")
-    tokenize = text_ops.tokenize(tokenizer, config.max_text_len, key="text",
-                                 add_bos=config.add_bos, add_eos=True)
+    if config.render_text:
+        text_op = render_ops.render_caption(tokenizer, key="text", out_key="text_images")
+        text_keys = ("text_images",)
+    else:
+        text_op = text_ops.tokenize(tokenizer, config.max_text_len, key="text",
+                                    add_bos=config.add_bos, add_eos=True)
+        text_keys = ("text",)
 
     def fn(seed, serialized):
         features = dict(F.parse(serialized, kind))
         features[image_ops.SEED_KEY] = seed
-        features = tokenize(caption(images(features)))
-        return _select(features, kind)
+        features = text_op(caption(images(features)))
+        return _select(features, kind, text_keys=text_keys)
 
     return fn
 
 
 def _eval_preprocess(kind: str, config: InputConfig, tokenizer: Tokenizer):
     images = eval_image_ops(config)
-    max_len = config.max_text_len
+    # render_text: the renderer's code points, as many as it draws.
+    max_len = tokenizer.max_chars if config.render_text else config.max_text_len
+    text_keys = ("text", "text_images") if config.render_text else ("text",)
+
+    def _rendered(features):
+        if config.render_text:                  # the first caption, drawn: [S, S, 3]
+            features["text_images"] = tokenizer.render_codepoints(features["text"])
+        return features
 
     def fn(serialized):
         features = images(dict(F.parse(serialized, kind)))
@@ -249,7 +308,7 @@ def _eval_preprocess(kind: str, config: InputConfig, tokenizer: Tokenizer):
         if config.eval_texts == "first":
             features["text"] = tokenizer.tokenize(texts[0], max_len, add_bos=config.add_bos,
                                                   add_eos=True)            # [L]
-            return _select(features, kind)
+            return _select(_rendered(features), kind, text_keys=text_keys)
         k = config.eval_max_texts
         num = tf.minimum(tf.shape(texts)[0], k)
         ids = tokenizer.tokenize(texts[:k], max_len, add_bos=config.add_bos, add_eos=True)
@@ -257,7 +316,7 @@ def _eval_preprocess(kind: str, config: InputConfig, tokenizer: Tokenizer):
         features["texts"] = tf.ensure_shape(ids, [k, max_len])
         features["num_texts"] = num
         features["text"] = ids[0]
-        return _select(features, kind, ("texts", "num_texts"))
+        return _select(_rendered(features), kind, ("texts", "num_texts"), text_keys=text_keys)
 
     return fn
 
@@ -282,7 +341,7 @@ def train_dataset(folder: str, config: InputConfig, tokenizer: Optional[Tokenize
     """
     files = split_files(folder, split)
     kind = detect_kind(folder)
-    tokenizer = tokenizer or load_tokenizer(folder, config)
+    tokenizer = _text_encoder(folder, config, tokenizer)
     batch_size = config.batch_size
     pipeline_id, num_pipelines = 0, 1
     shard_records = False
@@ -340,7 +399,7 @@ def eval_dataset(folder: str, split: str, config: InputConfig,
     """
     files = split_files(folder, split)
     kind = detect_kind(folder)
-    tokenizer = tokenizer or load_tokenizer(folder, config)
+    tokenizer = _text_encoder(folder, config, tokenizer)
     ds = tf.data.TFRecordDataset(files)
     if config.cache:
         ds = ds.cache()
