@@ -3,7 +3,8 @@
 1. label-as-text Beam job on scikit-learn's real handwritten digits (+ SentencePiece tokenizer),
 2. training of the tiny preset: SigLIP two towers (``--model two_tower``, recipe
    ``siglip_digits``) or one LIMoE sparse mixture-of-experts transformer (``--model limoe``,
-   ``limoe_digits``; also writes routing figures next to the run),
+   ``limoe_digits``; also writes routing figures next to the run) or one CLIPPO ViT for images
+   and text rendered as images (``--model clippo``, ``clippo_digits``),
 3. zero-shot classification of the test digits with the eval templates (never trained on),
    and image <-> text retrieval,
 4. export to a TF Serving SavedModel (``<out>/saved_models/siglip_digits/1``),
@@ -50,7 +51,8 @@ print(json.dumps({"export_top1": correct / total, "examples": total,
 """
 
 
-DEMO_RECIPES = {"two_tower": "siglip_digits", "limoe": "limoe_digits"}
+DEMO_RECIPES = {"two_tower": "siglip_digits", "limoe": "limoe_digits",
+                "clippo": "clippo_digits"}
 
 
 def build_parser():
@@ -74,7 +76,7 @@ def _stage(number: int, text: str) -> None:
 def run(argv: Optional[Sequence[str]] = None) -> Dict:
     from keras_mm.beam_jobs import label_as_text
     from keras_mm.evaluation.zero_shot import load_class_names, load_eval_templates
-    from keras_mm.export.two_tower import export_two_tower
+    from keras_mm.training.commands import export_model
     from keras_mm.recipes import config as config_lib
     from keras_mm.training import trainer
 
@@ -108,9 +110,9 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
         import shutil
 
         shutil.rmtree(export_dir)
-    export_two_tower(model, trainer.load_tokenizer(cfg), cfg.data.input,
-                     load_eval_templates(data_dir), export_dir,
-                     class_names=load_class_names(data_dir))
+    export_model(model, trainer.load_tokenizer(cfg), cfg.data.input,
+                 load_eval_templates(data_dir), export_dir,
+                 class_names=load_class_names(data_dir))
 
     _stage(5, "classifying the test digits with the export in a fresh process "
               "(tensorflow + tensorflow_text only)")

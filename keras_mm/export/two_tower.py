@@ -317,8 +317,7 @@ class TwoTowerExportModule(tf.Module):
             "resize_antialias": bool(config.resize_antialias),
             "max_len": self.max_len,
             "add_bos": self.add_bos,
-            "vocab_size": int(self.tokenizer.vocab_size),
-            "lowercase": bool(self.tokenizer.lowercase),
+            **self._text_info(),
             "templates": list(self.templates),
             "class_names": list(self.class_names),
             "embedding_dim": int(self.embedding_dim),
@@ -329,6 +328,11 @@ class TwoTowerExportModule(tf.Module):
                                   "outputs": self._describe(outputs)}
                            for name, (inputs, outputs) in self._signature_table().items()},
         }
+
+    def _text_info(self) -> Dict[str, Any]:
+        """How text becomes model input, for keras_mm_export.json."""
+        return {"vocab_size": int(self.tokenizer.vocab_size),
+                "lowercase": bool(self.tokenizer.lowercase)}
 
     def _describe(self, tensors):
         sizes = {"D": self.embedding_dim, "K": len(self.class_names)}
@@ -383,15 +387,27 @@ def export_two_tower(model, tokenizer, input_config: InputConfig, eval_templates
       ValueError: bad templates, towers that do not fit the config's shapes, or a Keras backend
         other than TensorFlow.
     """
+    _check_backend()
+    module = TwoTowerExportModule(model, tokenizer, input_config, eval_templates,
+                                  class_names=class_names)
+    return write_export(module, export_dir, warmup=warmup, overwrite=overwrite)
+
+
+def _check_backend():
     import keras
 
     if keras.backend.backend() != "tensorflow":
         raise ValueError(f"SavedModel export needs the TensorFlow backend (KERAS_BACKEND="
                          f"tensorflow), this process runs {keras.backend.backend()!r}")
+
+
+def write_export(module, export_dir: str, *, warmup: bool = True,
+                 overwrite: bool = False) -> str:
+    """Saves an export module (its ``signatures()`` and ``info()``) as a TF Serving version folder,
+    atomically for local paths, with warm-up requests; returns ``export_dir``."""
+    _check_backend()
     export_dir = os.fspath(export_dir).rstrip("/")
     _check_target(export_dir, overwrite)
-    module = TwoTowerExportModule(model, tokenizer, input_config, eval_templates,
-                                  class_names=class_names)
     signatures = module.signatures()
 
     local = _is_local(export_dir)

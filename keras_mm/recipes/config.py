@@ -101,7 +101,7 @@ class ModelConfig:
     """The model.
 
     Attributes:
-      kind: model family: "two_tower" (CLIP / SigLIP / LiT) or "limoe".
+      kind: model family: "two_tower" (CLIP / SigLIP / LiT), "limoe" or "clippo".
       preset: size preset of the family ("tiny", "s16", "b16", "l16").
       loss: "sigmoid" (SigLIP) or "softmax" (CLIP).
       chunked: SigLIP's chunked loss (logits in memory stay [local batch, local batch]).
@@ -313,6 +313,7 @@ RECIPES = {
     "limoe_digits": "keras_mm.recipes.limoe:limoe_digits",
     "limoe_b16": "keras_mm.recipes.limoe:limoe_b16",
     "limoe_l16": "keras_mm.recipes.limoe:limoe_l16",
+    "clippo_digits": "keras_mm.recipes.clippo:clippo_digits",
 }
 
 

@@ -87,6 +87,16 @@ def next_version(base: str) -> int:
     return max(versions, default=0) + 1
 
 
+def export_model(model, tokenizer, input_config, templates, export_dir, class_names=None):
+    """The SavedModel of a trained model of any family: CLIPPO renders text in the graph, the
+    others (two-tower, LIMoE) tokenize it."""
+    if getattr(model, "family", None) == "clippo":
+        from keras_mm.export.clippo import export_clippo as write
+    else:
+        from keras_mm.export.two_tower import export_two_tower as write
+    return write(model, tokenizer, input_config, templates, export_dir, class_names=class_names)
+
+
 def export(argv: Optional[Sequence[str]] = None) -> Dict:
     """SavedModel of a run at <base_dir>/<name>/<version>/ with the serving signatures."""
     import dataclasses
@@ -95,7 +105,6 @@ def export(argv: Optional[Sequence[str]] = None) -> Dict:
 
     from keras_mm.evaluation.zero_shot import (CLASSNAMES_FILE, load_class_names,
                                                load_eval_templates)
-    from keras_mm.export.two_tower import export_two_tower
     from keras_mm.training import trainer
 
     parser = _config_parser("kmm export", "Export a trained run as a TF Serving SavedModel.",
@@ -116,8 +125,8 @@ def export(argv: Optional[Sequence[str]] = None) -> Dict:
     folder = cfg.eval.folder or cfg.data.folder
     class_names = (load_class_names(folder) if tf_exists(os.path.join(folder, CLASSNAMES_FILE))
                    else None)
-    export_two_tower(model, tokenizer, dataclasses.replace(cfg.data.input),
-                     load_eval_templates(folder), export_dir, class_names=class_names)
+    export_model(model, tokenizer, dataclasses.replace(cfg.data.input),
+                 load_eval_templates(folder), export_dir, class_names=class_names)
     summary = trainer.write_summary(cfg, train_seconds=_previous(cfg, "train_seconds", 0.0),
                                     metrics={}, export_dir=export_dir)
     return {"export_dir": export_dir, "name": name, "version": version,

@@ -25,7 +25,7 @@ from keras_mm.training import callbacks as cb
 
 LOG = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
-MODEL_KINDS = ("two_tower", "limoe")
+MODEL_KINDS = ("two_tower", "limoe", "clippo")
 CONTRACT_METRICS = (
     "zero_shot_top1", "zero_shot_top5", "retrieval_i2t_r1", "retrieval_i2t_r5",
     "retrieval_i2t_r10", "retrieval_t2i_r1", "retrieval_t2i_r5", "retrieval_t2i_r10",
@@ -40,6 +40,8 @@ def load_tokenizer(cfg):
     """The dataset's tokenizer, padded / truncated to the model's text length."""
     from keras_mm.pipelines import datasets
 
+    if cfg.model.kind == "clippo":   # CLIPPO: the text renderer stands in for the tokenizer
+        return datasets.text_renderer(cfg.data.input)
     return datasets.load_tokenizer(cfg.data.folder, cfg.data.input)
 
 
@@ -55,6 +57,8 @@ def build_model(cfg, tokenizer):
         model = _build_limoe(cfg, tokenizer)
         _build_on_zeros(model, cfg)
         return model
+    if m.kind == "clippo":
+        return _build_clippo(cfg)
     if m.lit and not m.init_checkpoint:
         raise config_lib.ConfigError("model.lit needs model.init_checkpoint (a .keras image "
                                      "encoder or classifier)")
@@ -76,6 +80,22 @@ def _build_on_zeros(model, cfg):
     size = cfg.data.input.image_size
     model({"image": keras.ops.zeros((1, size, size, 3)),
            "text": keras.ops.ones((1, cfg.data.input.max_text_len), "int32")})
+
+
+def _build_clippo(cfg):
+    """A CLIPPOModel: one ViT of ``model.preset`` for images and rendered text."""
+    from keras_mm.models.clippo import build_clippo
+
+    m, size = cfg.model, cfg.data.input.image_size
+    if not cfg.data.input.render_text:
+        raise config_lib.ConfigError("model.kind 'clippo' needs data.input.render_text=true")
+    if m.lit or m.init_checkpoint:
+        raise config_lib.ConfigError("model.kind 'clippo' has no LiT / init_checkpoint mode")
+    model = build_clippo(m.preset, m.loss, image_size=size, embed_dim=m.embed_dim,
+                         chunked=m.chunked, encoder_overrides={"remat": m.remat})
+    zeros = keras.ops.zeros((1, size, size, 3))
+    model({"image": zeros, "text_images": zeros})
+    return model
 
 
 def _build_limoe(cfg, tokenizer):
@@ -246,7 +266,12 @@ def evaluate(cfg, model=None, tokenizer=None) -> Dict[str, float]:
     folder = cfg.eval.folder or cfg.data.folder
     tokenizer = tokenizer or load_tokenizer(cfg)
     model = model or restore(cfg, tokenizer)
-    embed_image, embed_text = embed_functions(model)
+    if cfg.model.kind == "clippo":
+        from keras_mm.evaluation.clippo import clippo_embed_functions
+
+        embed_image, embed_text = clippo_embed_functions(model, tokenizer)
+    else:
+        embed_image, embed_text = embed_functions(model)
     input_cfg = dataclasses.replace(cfg.data.input, batch_size=cfg.eval.batch_size)
 
     def split(name):

@@ -97,3 +97,21 @@ def test_limoe_demo_reports_routing_and_exports(tmp_path):
     assert info["model"] == "limoe" and "classify_classes" in info["signatures"]
     for figure in ("routing_experts.png", "routing_success.png"):
         assert (out / "run" / figure).stat().st_size > 1000, figure
+
+
+@pytest.mark.slow
+def test_clippo_demo_renders_text_end_to_end(tmp_path):
+    """kmm demo --model clippo: one ViT for digits and rendered captions; the export renders
+    the labels in-graph in a TF-only process."""
+    out = tmp_path / "clippo"
+    result = _kmm("demo", "--model", "clippo", "--out", str(out), *SHORT)
+    assert "[5/5]" in result.stdout and "clippo_digits" in result.stdout
+    summary = json.load(open(out / "summary.json"))
+    assert summary["model"] == "clippo_softmax" and summary["train_steps"] == 20
+    assert 0.0 <= summary["metrics"]["zero_shot_top1"] <= 1.0
+    check = summary["export_check"]
+    assert not check["keras_mm_imported"] and check["examples"] > 100
+    assert abs(check["zero_shot_top1"] - summary["metrics"]["zero_shot_top1"]) < 0.02
+    info = json.load(open(os.path.join(summary["export_dir"], "assets.extra",
+                                       "keras_mm_export.json")))
+    assert info["model"] == "clippo" and info["renderer"]["max_chars"] > 40
