@@ -159,9 +159,12 @@ def train(cfg, *, extra_callbacks=(), verbose="auto"):
     tokenizer = load_tokenizer(cfg)
 
     def dataset_fn(ctx=None):
+        # String features (the record ids) stay out of the train step: XLA (jit_compile)
+        # cannot take them, and no model uses them.
         return checkpoint.resumable_dataset(
             lambda: datasets.train_dataset(cfg.data.folder, cfg.data.input, tokenizer=tokenizer,
-                                           input_context=ctx, split=cfg.data.train_split),
+                                           input_context=ctx, split=cfg.data.train_split).map(
+                lambda b: {k: v for k, v in b.items() if v.dtype != tf.string}),
             skip_batches=initial_step * checkpoint.batches_per_step(ctx))
 
     if dist is not None and dist.num_replicas_in_sync > 1:
