@@ -43,20 +43,10 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from keras_mm.beam_jobs import job_flags
+from keras_mm.bench.two_tower import _bool_or_auto
 
 CLASSES = 10
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)     # the label-as-text job's default --split_fractions
-
-
-def _bool_or_auto(value: str):
-    v = value.lower()
-    if v in ("true", "1", "yes"):
-        return True
-    if v in ("false", "0", "no"):
-        return False
-    if v == "auto":
-        return "auto"
-    raise argparse.ArgumentTypeError(f"expected true, false or auto, got {value!r}")
 
 
 def _int_list(value: str) -> List[int]:
