@@ -12,6 +12,10 @@ Sources, each a PTransform applied to the pipeline that returns two PCollections
   ReadUrlTsv        CC3M / CC12M-style TSV lines ``caption<TAB>url`` (or ``url<TAB>caption``),
                     images downloaded with retries, timeouts and a byte cap (download.py).
   ReadWebDataset    WebDataset tar shards (``0001.jpg`` + ``0001.txt`` / ``0001.json``).
+  DigitScenes       generated scenes of 1-3 real sklearn digits with true captions and
+                    questions / answers, split by source digit (digit_scenes.py; no --input).
+  ReadSamplePhotos  14 real photos bundled in scikit-image / scikit-learn with hand-written
+                    captions, all in the test split (sample_photos.py; no --input).
 
 A bad line, an orphan annotation, a failed download or a corrupt shard is a dead letter with
 its reason, never a failed job; BuildDataset then validates, de-duplicates and writes.
@@ -20,10 +24,12 @@ its reason, never a failed job; BuildDataset then validates, de-duplicates and w
         --out /tmp/image_text
     kmm data image-text --source tsv --input gs://b/cc3m.tsv --out gs://b/cc3m \\
         --runner=DataflowRunner --project=... --region=... --temp_location=gs://b/tmp
+    kmm data image-text --source digit-scenes --out /tmp/digit_scenes --num_train 6000
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
@@ -38,11 +44,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from keras_mm.beam_jobs import dataset_writer, download, job_flags
+from keras_mm.beam_jobs import dataset_writer, digit_scenes, download, job_flags, sample_photos
 from keras_mm.beam_jobs import records as rec
 from keras_mm.pipelines import features
 
-SOURCES = ("manifest", "coco", "tsv", "webdataset")
+SOURCES = ("manifest", "coco", "tsv", "webdataset", "digit-scenes", "sample-photos")
+BUILT_IN_SOURCES = ("digit-scenes", "sample-photos")   # no --input
+# digit-scenes flags: flag -> default (the parser's default is SUPPRESS, so giving one with
+# another source is an error instead of a silent no-op).
+SCENE_FLAGS = {"num_train": digit_scenes.DEFAULT_COUNTS["train"],
+               "num_validation": digit_scenes.DEFAULT_COUNTS["validation"],
+               "num_test": digit_scenes.DEFAULT_COUNTS["test"],
+               "canvas_size": digit_scenes.DEFAULT_CANVAS_SIZE, "seed": 0}
 MANIFEST_FORMATS = ("auto", "jsonl", "csv")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 WDS_TEXT_EXTS = ("txt", "json")
@@ -553,16 +566,33 @@ def build_parser():
     parser = job_flags.job_parser(
         "kmm data image-text",
         "Turn image-caption sources (manifest, COCO, URL TSV, WebDataset) into image-text "
-        "TFRecords.")
+        "TFRecords, or write a built-in dataset: digit-scenes (generated scenes of real digits "
+        "with true captions and questions, split by source digit) or sample-photos (bundled "
+        "real photos with hand-written captions, test split).")
     group = parser.add_argument_group("source")
     group.add_argument("--source", choices=SOURCES, required=True)
-    group.add_argument("--input", required=True,
+    group.add_argument("--input", default=None,
                        help="manifest (JSONL / CSV) file or glob, COCO captions JSON, TSV file "
-                            "or glob, or WebDataset tar glob")
+                            "or glob, or WebDataset tar glob (not for digit-scenes / "
+                            "sample-photos)")
     group.add_argument("--manifest_format", choices=MANIFEST_FORMATS, default="auto",
                        help="manifest: jsonl or csv (auto: from the extension)")
     group.add_argument("--image_dir", default=None,
                        help="coco: folder of the images (default: the JSON's folder)")
+    group = parser.add_argument_group(
+        "digit-scenes (source digits split as label-as-text with --split_fractions; a "
+        "tokenizer.model is always trained on the training captions, questions and answers: "
+        f"--vocab_size default {digit_scenes.DEFAULT_VOCAB_SIZE}, "
+        f"--tokenizer_model_type default {digit_scenes.TOKENIZER_MODEL_TYPE})")
+    for flag, help_text in (("num_train", "training scenes"),
+                            ("num_validation", "validation scenes"),
+                            ("num_test", "test scenes"),
+                            ("canvas_size", "canvas side in px "
+                                            f"({digit_scenes.MIN_CANVAS_SIZE}.."
+                                            f"{digit_scenes.MAX_CANVAS_SIZE})"),
+                            ("seed", "scene generator seed")):
+        group.add_argument(f"--{flag}", type=int, default=argparse.SUPPRESS,
+                           help=f"{help_text} (default {SCENE_FLAGS[flag]})")
     defaults = download.DownloadOptions()
     group = parser.add_argument_group("download (tsv, and http(s) images in a manifest)")
     group.add_argument("--timeout", type=float, default=defaults.timeout,
@@ -594,8 +624,53 @@ def download_options(args) -> download.DownloadOptions:
                                     user_agent=args.user_agent, backoff=args.backoff)
 
 
+def scene_source(args) -> digit_scenes.DigitScenes:
+    """The DigitScenes of the digit-scenes flags; FlagError for bad values."""
+    values = {flag: getattr(args, flag, default) for flag, default in SCENE_FLAGS.items()}
+    counts = {split: values[f"num_{split}"] for split in dataset_writer.SPLITS}
+    if counts["train"] < 1 or counts["validation"] < 0 or counts["test"] < 0:
+        raise job_flags.FlagError(f"digit-scenes needs --num_train >= 1 (the tokenizer is "
+                                  f"trained on it) and --num_validation, --num_test >= 0, got "
+                                  f"{counts}")
+    if not digit_scenes.MIN_CANVAS_SIZE <= values["canvas_size"] <= digit_scenes.MAX_CANVAS_SIZE:
+        raise job_flags.FlagError(
+            f"--canvas_size must be in [{digit_scenes.MIN_CANVAS_SIZE}, "
+            f"{digit_scenes.MAX_CANVAS_SIZE}], got {values['canvas_size']}")
+    if values["seed"] < 0:
+        raise job_flags.FlagError(f"--seed must be >= 0, got {values['seed']}")
+    if args.vocab_size < 0:
+        raise job_flags.FlagError(f"digit-scenes always trains a tokenizer: --vocab_size must be "
+                                  f"> 0 (0: {digit_scenes.DEFAULT_VOCAB_SIZE}), got "
+                                  f"{args.vocab_size}")
+    fractions = job_flags.split_fractions(args)
+    try:
+        for split in dataset_writer.SPLITS:
+            digit_scenes.digit_pool(split, fractions)
+    except ValueError as e:
+        raise job_flags.FlagError(f"--split_fractions {args.split_fractions}: {e}") from e
+    return digit_scenes.DigitScenes(counts, canvas_size=values["canvas_size"],
+                                    seed=values["seed"], fractions=fractions)
+
+
 def make_source(args, fetch_options: download.DownloadOptions) -> beam.PTransform:
-    """The source PTransform the flags ask for; FlagError for a missing or bad input."""
+    """The source PTransform the flags ask for; FlagError for a missing or bad input, or for a
+    flag that does not apply to the source."""
+    scene_flags = [f"--{flag}" for flag in SCENE_FLAGS if hasattr(args, flag)]
+    if scene_flags and args.source != "digit-scenes":
+        raise job_flags.FlagError(f"{', '.join(scene_flags)} only apply to --source "
+                                  f"digit-scenes, not {args.source}")
+    if args.source in BUILT_IN_SOURCES:
+        if args.input is not None:
+            raise job_flags.FlagError(f"--input does not apply to --source {args.source} "
+                                      "(a built-in dataset)")
+        if args.source == "sample-photos":
+            if args.vocab_size > 0:
+                raise job_flags.FlagError("--vocab_size does not apply to --source "
+                                          "sample-photos (it has no training split)")
+            return sample_photos.ReadSamplePhotos()
+        return scene_source(args)
+    if args.input is None:
+        raise job_flags.FlagError(f"--source {args.source} needs --input")
     matches = match_files(args.input)
     if not matches:
         raise job_flags.FlagError(f"--input {args.input!r}: no such file")
@@ -629,13 +704,18 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.image_dir and args.source != "coco":
         raise job_flags.FlagError("--image_dir only applies to --source coco")
     source = make_source(args, fetch_options)
-    train_captions = None
-    if args.vocab_size > 0:
+    scenes = args.source == "digit-scenes"
+    vocab_size = args.vocab_size or (digit_scenes.DEFAULT_VOCAB_SIZE if scenes else 0)
+    tokenizer = None
+    if vocab_size > 0:
         from keras_mm.beam_jobs.tokenizer import TrainTokenizer  # lazily: optional step
 
-        train_captions = TrainTokenizer(
-            args.out, args.vocab_size,
-            model_type=args.tokenizer_model_type or "unigram")
+        tokenizer = TrainTokenizer(
+            args.out, vocab_size, model_type=args.tokenizer_model_type or (
+                digit_scenes.TOKENIZER_MODEL_TYPE if scenes else "unigram"))
+    extra_files = source.extra_files() if scenes else {}
+    description = (f"image-text from {args.source}" if args.source in BUILT_IN_SOURCES
+                   else f"image-text from {args.source}: {args.input}")
     if not has_scheme(args.out) and not FileSystems.exists(args.out):
         FileSystems.mkdirs(args.out)
     logging.info("image-text: source=%s input=%s %s", args.source, args.input,
@@ -643,11 +723,14 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
 
     def build(pipeline):
         pcolls = pipeline | f"Read_{args.source}" >> source
+        if scenes:  # the tokenizer also learns the questions and answers of the training scenes
+            _ = (pcolls[0] | "TokenizerTexts" >> beam.FlatMap(digit_scenes.tokenizer_texts)
+                 | "Tokenizer" >> tokenizer)
         _ = pcolls | "BuildDataset" >> dataset_writer.BuildDataset(
             args.out, features.IMAGE_TEXT, split_fractions=fractions,
             records_per_shard=args.records_per_shard, image_options=image_options,
-            train_captions=train_captions,
-            description=f"image-text from {args.source}: {args.input}")
+            train_captions=None if scenes else tokenizer, extra_files=extra_files,
+            description=description)
 
     start = time.time()
     job_flags.run_pipeline(build, options)

@@ -58,6 +58,8 @@ class Candidate:
     ``image_uri`` (a local or ``gs://`` path, read through Beam's FileSystems) is set.
     ``source`` says where it came from (manifest line, URL, tar member) for dead letters.
     ``split`` pins the split (a source with its own train/test split); None: assigned from id.
+    ``questions`` / ``answers``: optional question-answer pairs (same length, PaLI-style QA),
+    written as the record's ``questions`` / ``answers`` when non-empty.
     """
 
     id: str
@@ -68,6 +70,8 @@ class Candidate:
     label: Optional[int] = None
     label_name: Optional[str] = None
     split: Optional[str] = None
+    questions: Tuple[str, ...] = ()
+    answers: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +259,11 @@ class ToRecord(beam.DoFn):
                 candidate.label is None or int(candidate.label) < 0):
             yield dead_letter(candidate.id, src, BAD_LABEL, f"label {candidate.label!r}")
             return
+        if len(candidate.questions) != len(candidate.answers):
+            yield dead_letter(candidate.id, src, BAD_SOURCE_LINE,
+                              f"{len(candidate.questions)} questions but "
+                              f"{len(candidate.answers)} answers")
+            return
         try:
             data = candidate.image_bytes
             if data is None:
@@ -275,6 +284,9 @@ class ToRecord(beam.DoFn):
         if self._kind == features.LABEL_AS_TEXT:
             record[features.LABEL] = int(candidate.label)
             record[features.LABEL_NAME] = candidate.label_name or ""
+        if candidate.questions:
+            record[features.QUESTIONS] = [normalize_text_py(q) for q in candidate.questions]
+            record[features.ANSWERS] = [normalize_text_py(a) for a in candidate.answers]
         self._ok.inc()
         self._bytes.update(len(encoded))
         yield KeyedRecord(candidate.id, content_hash, record, candidate.split)

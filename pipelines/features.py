@@ -12,6 +12,9 @@ image_text
     ``image/width``    int64
     ``texts``          bytes list, one or more normalised captions (UTF-8)
     ``id``             bytes, a stable id unique in the dataset
+    ``questions``      bytes list, optional: questions about the image (PaLI-style QA)
+    ``answers``        bytes list, optional: one short answer per question (same length);
+                       records without them parse to empty lists (absent, not written)
 label_as_text
     image_text keys plus ``label`` (int64) and ``label/name`` (bytes)
 video_tubes
@@ -42,6 +45,8 @@ VIDEO_FRAMES = "video/frames"
 VIDEO_FPS = "video/fps"
 TRANSCRIPT_CURRENT = "transcript/current"
 TRANSCRIPT_FUTURE = "transcript/future"
+QUESTIONS = "questions"
+ANSWERS = "answers"
 
 # key -> (python type, is_list). The single source for serialize / parse / tfds / validation.
 _SCHEMA: Dict[str, Dict[str, tuple]] = {
@@ -51,6 +56,8 @@ _SCHEMA: Dict[str, Dict[str, tuple]] = {
         IMAGE_WIDTH: (int, False),
         TEXTS: (str, True),
         ID: (str, False),
+        QUESTIONS: (str, True),
+        ANSWERS: (str, True),
     },
 }
 _SCHEMA[LABEL_AS_TEXT] = {**_SCHEMA[IMAGE_TEXT], LABEL: (int, False), LABEL_NAME: (str, False)}
@@ -62,7 +69,8 @@ _SCHEMA[VIDEO_TUBES] = {
     TRANSCRIPT_CURRENT: (str, False),
     TRANSCRIPT_FUTURE: (str, False),
 }
-_OPTIONAL = {TRANSCRIPT_CURRENT, TRANSCRIPT_FUTURE}
+# Optional keys: scalars are written as "" when absent; lists are not written when empty.
+_OPTIONAL = {TRANSCRIPT_CURRENT, TRANSCRIPT_FUTURE, QUESTIONS, ANSWERS}
 
 
 def keys(kind: str) -> Sequence[str]:
@@ -86,6 +94,9 @@ def _check(kind: str, record: Mapping[str, Any]) -> None:
         texts = record[TEXTS]
         if isinstance(texts, (str, bytes)) or not len(texts):
             raise ValueError(f"{kind} record {record.get(ID)!r}: 'texts' must be a non-empty list")
+    if len(record.get(QUESTIONS, ())) != len(record.get(ANSWERS, ())):
+        raise ValueError(f"{kind} record {record.get(ID)!r}: 'questions' and 'answers' must "
+                         "have the same length")
 
 
 def _to_bytes(value) -> bytes:
@@ -101,6 +112,8 @@ def serialize(record: Mapping[str, Any], kind: str) -> bytes:
     for key, (typ, is_list) in _schema(kind).items():
         value = record.get(key, "" if key in _OPTIONAL else None)
         values = list(value) if is_list else [value]
+        if is_list and key in _OPTIONAL and not values:
+            continue  # absent optional list: parses back as []
         if typ in (bytes, str):
             feature[key] = feature_pb2.Feature(
                 bytes_list=feature_pb2.BytesList(value=[_to_bytes(v) for v in values]))
@@ -123,7 +136,7 @@ def deserialize(serialized: bytes, kind: str) -> Dict[str, Any]:
     for key, (typ, is_list) in _schema(kind).items():
         if key not in example.features.feature:
             if key in _OPTIONAL:
-                out[key] = ""
+                out[key] = [] if is_list else ""
                 continue
             raise ValueError(f"{kind} record is missing feature {key!r}")
         feat = example.features.feature[key]
@@ -189,6 +202,8 @@ def tfds_features(kind: str, class_names: Optional[Sequence[str]] = None):
             },
             TEXTS: texts,
             ID: f.Tensor(shape=(), dtype=tf.string),
+            QUESTIONS: f.Tensor(shape=(None,), dtype=tf.string),
+            ANSWERS: f.Tensor(shape=(None,), dtype=tf.string),
         }
         if kind == LABEL_AS_TEXT:
             if not class_names:
