@@ -61,6 +61,8 @@ CLASSNAMES_FILE = "classnames.txt"
 AUGMENTS = ("none", "crop_flip", "randaugment")
 EVAL_MODES = ("center_crop", "resize")
 VALUE_RANGES = ("-1_1", "0_1", "imagenet")
+PROMPT_MIXTURES = ("", "caption_qa")
+QUESTIONS, ANSWERS = "questions", "answers"   # optional features of image-text records
 
 
 @dataclasses.dataclass
@@ -101,6 +103,14 @@ class InputConfig:
         ``value_range`` (:func:`text_renderer`) instead of token ids; no tokenizer is needed.
       render_background: grey level (0..255) of the paper the text is rendered on (the text is
         black): 255 white; big_vision's CLIPPO config renders on 127.
+      prompt_mixture: "" (none) or "caption_qa" (the PaLI-style model): every training example
+        becomes a (prompt, target) pair, a question and its answer (records' ``questions`` /
+        ``answers``) with probability ``qa_fraction``, else ``caption_prompt`` and a caption;
+        the batch gets ``prompt`` int32 ``[B, max_prompt_len]`` (no BOS, EOS-terminated) and
+        the target as ``text``.
+      qa_fraction: see prompt_mixture (records without questions are always captioning).
+      caption_prompt: the captioning task's prompt.
+      max_prompt_len: prompt token length P.
     """
 
     image_size: int = 224
@@ -130,6 +140,10 @@ class InputConfig:
     deterministic: bool = False
     render_text: bool = False
     render_background: int = 255
+    prompt_mixture: str = ""
+    qa_fraction: float = 0.5
+    caption_prompt: str = "caption en"
+    max_prompt_len: int = 16
 
     def __post_init__(self):
         self.crop_scale = tuple(self.crop_scale)
@@ -157,6 +171,10 @@ class InputConfig:
              f"crop_ratio must be (min, max) with 0 < min <= max, got {self.crop_ratio}"),
             (self.shuffle_buffer >= 1, "shuffle_buffer must be >= 1"),
             (0 <= self.render_background <= 255, "render_background must be in [0, 255]"),
+            (self.prompt_mixture in PROMPT_MIXTURES,
+             f"prompt_mixture must be one of {PROMPT_MIXTURES}, got {self.prompt_mixture!r}"),
+            (0.0 <= self.qa_fraction <= 1.0, "qa_fraction must be in [0, 1]"),
+            (self.max_prompt_len >= 2, "max_prompt_len must be >= 2"),
         ]
         for ok, message in checks:
             if not ok:
@@ -282,13 +300,50 @@ def _train_preprocess(kind: str, config: InputConfig, tokenizer: Tokenizer):
                                     add_bos=config.add_bos, add_eos=True)
         text_keys = ("text",)
 
+    prompts = prompt_mixture_op(config, tokenizer) if config.prompt_mixture else None
+
     def fn(seed, serialized):
         features = dict(F.parse(serialized, kind))
         features[image_ops.SEED_KEY] = seed
-        features = text_op(caption(images(features)))
-        return _select(features, kind, text_keys=text_keys)
+        features = caption(images(features))
+        if prompts is not None:
+            features = prompts(features)
+            text_keys_here = text_keys + ("prompt",)
+        else:
+            text_keys_here = text_keys
+        return _select(text_op(features), kind, text_keys=text_keys_here)
 
     return fn
+
+
+def prompt_mixture_op(config: InputConfig, tokenizer: Tokenizer):
+    """``caption_qa``: replaces ``text`` (the chosen caption, a string) by the target of a
+    randomly drawn task and adds its tokenized ``prompt`` ``[max_prompt_len]`` (see
+    ``InputConfig.prompt_mixture``). The draw is stateless, from the example's seed."""
+
+    def op(features):
+        features = dict(features)
+        questions = features.get(QUESTIONS, tf.zeros([0], tf.string))
+        answers = features.get(ANSWERS, tf.zeros([0], tf.string))
+        count = tf.minimum(tf.shape(questions, out_type=tf.int64)[0],
+                           tf.shape(answers, out_type=tf.int64)[0])
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.cast(features[image_ops.SEED_KEY], tf.int64), _PROMPT_SALT)
+        draw = tf.random.stateless_uniform([], seed)
+        index = tf.random.stateless_uniform([], seed + 1, minval=0,
+                                            maxval=tf.maximum(count, 1), dtype=tf.int64)
+        qa = tf.logical_and(count > 0, draw < config.qa_fraction)
+        safe = tf.minimum(index, tf.maximum(count - 1, 0))
+        prompt = tf.cond(qa, lambda: questions[safe], lambda: tf.constant(config.caption_prompt))
+        features["text"] = tf.cond(qa, lambda: answers[safe], lambda: features["text"])
+        features["prompt"] = tokenizer.tokenize(prompt, config.max_prompt_len, add_bos=False,
+                                                add_eos=True)
+        return features
+
+    return op
+
+
+_PROMPT_SALT = 0x9a11
 
 
 def _eval_preprocess(kind: str, config: InputConfig, tokenizer: Tokenizer):
@@ -410,6 +465,29 @@ def eval_dataset(folder: str, split: str, config: InputConfig,
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)
+
+
+def caption_eval_dataset(folder: str, split: str, config: InputConfig) -> tf.data.Dataset:
+    """Evaluation batches for captioners, in file order: ``{"image": float32 [B, S, S, 3],
+    "id": string [B], "texts": string [B, K] (every reference, normalised; "" pads rows with
+    fewer), "questions" / "answers": string [B, Q] ("" pads; Q = 0 when the records have
+    none)}``. The strings stay raw: metrics tokenize them their own way (pycocoevalcap)."""
+    files = split_files(folder, split)
+    kind = detect_kind(folder)
+    images = eval_image_ops(config)
+
+    def fn(serialized):
+        features = images(dict(F.parse(serialized, kind)))
+        out = {"image": features["image"], F.ID: features[F.ID],
+               F.TEXTS: text_ops.normalize_text(features[F.TEXTS])}
+        for key in (QUESTIONS, ANSWERS):
+            out[key] = features.get(key, tf.zeros([0], tf.string))
+        return out
+
+    ds = tf.data.TFRecordDataset(files).map(fn, num_parallel_calls=config.num_parallel_calls,
+                                            deterministic=True)
+    ds = ds.padded_batch(config.batch_size, drop_remainder=False)
+    return ds.prefetch(AUTOTUNE)
 
 
 def benchmark_dataset(dataset: tf.data.Dataset, num_batches: int = 100,

@@ -96,7 +96,42 @@ LIMOE = {
                             global_entropy_tau=8.0)),
 }
 
-FAMILIES = {"vit": VIT, "text": TEXT, "two_tower": TWO_TOWER, "limoe": LIMOE}
+# Captioners (CoCa, CapPa, MaMMUT, PaLI-style): an image preset and a text decoder
+# (``TextDecoder`` kwargs). b16 sizes: CoCa-Base (Yu et al. 2022 Table 1: ViT-B encoder, 12
+# unimodal + 12 multimodal decoder layers of width 768, 256 captioning queries); CapPa B/16
+# (Tschannen et al. 2023: a 6-layer decoder of the encoder's width, cross-attending everywhere);
+# MaMMUT (Kuo et al. 2023: one 12-layer decoder, cross-attention in every other layer);
+# PaLI-style: a 6-layer encoder over visual + prompt tokens and a 6-layer decoder. ``tiny`` is
+# the digit-scenes demo's (64 px images; 16 tokens; give ``vocab_size`` of the tokenizer).
+_TINY_DECODER = dict(vocab_size=1000, max_len=16, width=192, heads=3, mlp_dim=768)
+_B16_DECODER = dict(vocab_size=32_000, max_len=64, width=768, heads=12, mlp_dim=3072)
+CAPTIONER = {
+    "coca": {
+        "tiny": dict(image="tiny", decoder=dict(_TINY_DECODER, depth=4), unimodal_layers=2,
+                     num_caption_queries=16, pooler_heads=3),
+        "b16": dict(image="b16", decoder=dict(_B16_DECODER, depth=24), unimodal_layers=12,
+                    num_caption_queries=256, pooler_heads=12),
+    },
+    "cappa": {
+        "tiny": dict(image="tiny", decoder=dict(_TINY_DECODER, depth=2, cross_attention="all")),
+        "b16": dict(image="b16", decoder=dict(_B16_DECODER, depth=6, cross_attention="all")),
+    },
+    "mammut": {
+        "tiny": dict(image="tiny", decoder=dict(_TINY_DECODER, depth=4,
+                                                cross_attention="every_other")),
+        "b16": dict(image="b16", decoder=dict(_B16_DECODER, depth=12,
+                                              cross_attention="every_other")),
+    },
+    "pali": {
+        "tiny": dict(image="tiny", decoder=dict(_TINY_DECODER, depth=2, cross_attention="all"),
+                     encoder_depth=2, max_prompt_len=16),
+        "b16": dict(image="b16", decoder=dict(_B16_DECODER, depth=6, cross_attention="all"),
+                    encoder_depth=6, max_prompt_len=32),
+    },
+}
+
+FAMILIES = {"vit": VIT, "text": TEXT, "two_tower": TWO_TOWER, "limoe": LIMOE,
+            **{f"captioner_{kind}": table for kind, table in CAPTIONER.items()}}
 STYLES = ("siglip", "clip")
 
 
@@ -172,3 +207,16 @@ def limoe_config(name, **overrides):
 def limoe_loss_weights(name):
     """``LIMoEModel`` auxiliary-loss kwargs of a LIMoE preset."""
     return dict(_lookup("limoe", name)["losses"])
+
+
+def captioner_config(kind, name, decoder_overrides=None, image_overrides=None):
+    """``{"image": ViTEncoder kwargs, "decoder": TextDecoder kwargs, **model kwargs}`` of a
+    captioner preset (``kind`` in coca / cappa / mammut / pali). The image encoder keeps its
+    tokens for the decoder (no head); MaMMUT pools it by MAP for its contrastive embedding."""
+    if kind not in CAPTIONER:
+        raise ValueError(f"unknown captioner {kind!r}; valid: {', '.join(sorted(CAPTIONER))}")
+    entry = _lookup(f"captioner_{kind}", name)
+    entry["image"] = vit_config(entry["image"], pool="map" if kind == "mammut" else "gap",
+                                **(image_overrides or {}))
+    entry["decoder"].update(decoder_overrides or {})
+    return entry

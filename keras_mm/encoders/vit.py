@@ -28,6 +28,7 @@ from keras_mm.layers.flexi_patch_embedding import FlexiPatchEmbedding
 from keras_mm.layers.learned_position_embedding import LearnedPositionEmbedding
 from keras_mm.layers.map_head import MAPHead
 from keras_mm.layers.patch_embedding import PatchEmbedding
+from keras_mm.layers.cropped_position_embedding import crop_box, cropped_position_table
 from keras_mm.layers.sincos_position_embedding import SinCos2DPositionEmbedding
 from keras_mm.layers.transformer_encoder import TransformerEncoder
 
@@ -69,8 +70,13 @@ class ViTEncoder(keras.Model):
             so that every training size is reached by PI-resizing down (least squares) or not
             at all. FlexiViT uses 32 for sizes 8..48.
         block: ``"pre_ln"`` or ``"parallel"`` (ViT-22B), see ``TransformerEncoder``.
+        position_crop: cropped positional embeddings in training (RO-ViT / MaMMUT,
+            ``keras_mm.layers.cropped_position_embedding``): the upsampling factor of the
+            learned position grid before a random crop is resized back (0 = off; RO-ViT: 224 ->
+            1024, about 4.6).
 
-    ``patch_sizes``, ``base_patch_size`` and ``block`` appear in the config only when set, so
+    ``patch_sizes``, ``base_patch_size``, ``block`` and ``position_crop`` appear in the config
+    only when set, so
     the configs of fixed-patch pre-LN encoders are unchanged.
 
     Call args: ``images``, ``training``, ``return_tokens``, ``patch_size`` (int, static; None =
@@ -83,7 +89,8 @@ class ViTEncoder(keras.Model):
                  head_hidden_dim=None, head_bias=True, dropout=0.0, attention_dropout=0.0,
                  drop_path=0.0, remat=False, qk_norm=False, qkv_bias=True, fused_qkv=True,
                  attention_impl=None, patch_impl="conv", layer_norm_epsilon=1e-6,
-                 patch_sizes=None, base_patch_size=None, block="pre_ln", **kwargs):
+                 patch_sizes=None, base_patch_size=None, block="pre_ln", position_crop=0.0,
+                 **kwargs):
         super().__init__(**kwargs)
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -111,6 +118,11 @@ class ViTEncoder(keras.Model):
         self.patch_sizes, self.base_patch_size = _flexi_sizes(
             patch_sizes, base_patch_size, self.patch_size)
         self.block = block
+        self.position_crop = float(position_crop)
+        if self.position_crop and (pos_embedding != "learned" or self.position_crop < 1):
+            raise ValueError("position_crop needs learned position embeddings and an upsampling "
+                             f"factor >= 1, got {position_crop} with {pos_embedding!r}")
+        self.crop_seed = keras.random.SeedGenerator() if self.position_crop else None
         self.active_patch_size = None     # (p_h, p_w) from set_patch_size(); None = patch_size
 
         policy = self.dtype_policy
@@ -195,7 +207,14 @@ class ViTEncoder(keras.Model):
             x = self.patch_embedding(images)                               # [b, n, width]
         else:
             x = self.patch_embedding(images, patch_size=(ph, pw))          # [b, n, width]
-        x = self.position_embedding(x, grid_size=(images.shape[1] // ph, images.shape[2] // pw))
+        grid = (images.shape[1] // ph, images.shape[2] // pw)
+        if training and self.position_crop and grid == self.grid_size:
+            table = cropped_position_table(
+                ops.convert_to_tensor(self.position_embedding.embeddings), self.position_crop,
+                crop_box(self.crop_seed))
+            x = x + ops.cast(ops.reshape(table, (1, grid[0] * grid[1], self.width)), x.dtype)
+        else:
+            x = self.position_embedding(x, grid_size=grid)
         if self.pool == "cls":
             cls = ops.broadcast_to(ops.cast(self.cls_token, x.dtype),
                                    (ops.shape(x)[0], 1, self.width))
@@ -229,6 +248,8 @@ class ViTEncoder(keras.Model):
                           base_patch_size=self.base_patch_size)
         if self.block != "pre_ln":
             config["block"] = self.block
+        if self.position_crop:
+            config["position_crop"] = self.position_crop
         return config
 
 

@@ -7,6 +7,8 @@ Modules (import them explicitly; this package imports nothing):
   retrieval      image->text and text->image Recall@K (COCO protocol; identical items are true
                  pairs)
   linear_probe   logistic-regression linear probe and big_vision-style closed-form few-shot
+  captioning     COCO caption metrics (pycocoevalcap: BLEU-4, METEOR, ROUGE-L, CIDEr) and VQA accuracy
+  caption_samples  predicted / reference captions and their images in TensorBoard
 
 Evaluators never import model classes: they take
 ``embed_image(images [B, S, S, 3] float32) -> [B, D]`` and

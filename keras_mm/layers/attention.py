@@ -166,9 +166,11 @@ class MultiHeadAttention(keras.layers.Layer):
         One matmul for all parts; they are separated with ``split`` (whose gradient is a
         concatenation, where slicing would add zero-padded copies in the backward pass).
         """
-        flat = ops.matmul(x, ops.reshape(kernel, (kernel.shape[0], -1)))
+        # Explicit casts: the incremental-decoding methods run outside ``__call__``, where Keras'
+        # mixed-precision autocast of the variables does not apply (a no-op inside it).
+        flat = ops.matmul(x, ops.cast(ops.reshape(kernel, (kernel.shape[0], -1)), x.dtype))
         if bias is not None:
-            flat = flat + ops.reshape(bias, (-1,))
+            flat = flat + ops.cast(ops.reshape(bias, (-1,)), x.dtype)
         shape = tuple(ops.shape(x)[:-1]) + (self.num_heads, self._dim)
         chunks = ops.split(flat, parts, axis=-1) if parts > 1 else [flat]
         return [ops.reshape(c, shape) for c in chunks]
@@ -207,11 +209,7 @@ class MultiHeadAttention(keras.layers.Layer):
         else:
             out = self._attend(q, k, v, _mask_for(attention_mask, use_causal_mask, q, k),
                                seed if use_dropout else None, use_dropout)
-        flat = ops.reshape(out, tuple(ops.shape(out)[:2]) + (-1,))      # [b, q, h * k]
-        y = ops.matmul(flat, ops.reshape(self.output_kernel, (-1, self._out)))
-        if self.output_bias is not None:
-            y = y + self.output_bias
-        return y                                                        # [b, q, output_dim]
+        return self._output(out)                                        # [b, q, output_dim]
 
     def _attend(self, q, k, v, mask, seed, use_dropout):
         """softmax(q k^T / sqrt(d) + mask) v with a float32 softmax -> ``[b, q, h, k]``."""
@@ -226,6 +224,65 @@ class MultiHeadAttention(keras.layers.Layer):
             probs = _dropout(probs, self.dropout,
                              seed if seed is not None else self.seed_generator)
         return ops.einsum("bhqs,bshk->bqhk", probs, v)
+
+    # -- incremental decoding ----------------------------------------------------------------
+    # A decoder generating one token at a time keeps the keys / values of the tokens so far in a
+    # cache ``[batch, max_len, heads, head_dim]`` and computes those of a cross-attention
+    # context once per sequence. The results equal ``call`` on the whole prefix.
+
+    def context_key_values(self, value):
+        """Cross-attention keys and values of ``value [b, s, value_width]``: two
+        ``[b, s, heads, head_dim]`` tensors (QK-normed keys), for :meth:`attend_key_values`."""
+        if self.fused_qkv:
+            k, v = self._project(value, self.kv_kernel, self.kv_bias, 2)
+        else:
+            (k,) = self._project(value, self.key_kernel, self.key_bias, 1)
+            (v,) = self._project(value, self.value_kernel, self.value_bias, 1)
+        if self.qk_norm:
+            k = self.key_norm(k)
+        return k, v
+
+    def attend_key_values(self, query, keys, values, padding_mask=None):
+        """Cross-attention of ``query [b, q, width]`` to precomputed ``keys, values
+        [b, s, heads, head_dim]`` (:meth:`context_key_values`) -> ``[b, q, output_dim]``.
+        ``padding_mask``: ``[b, s]`` (True = attend) or None."""
+        (q,) = self._project(query, self.query_kernel, self.query_bias, 1)
+        if self.qk_norm:
+            q = self.query_norm(q)
+        mask = attention_mask(padding_mask)
+        return self._output(self._attend(q, keys, values, mask, None, False))
+
+    def self_attention_step(self, query, key_cache, value_cache, index):
+        """Self-attention of the token at position ``index`` (int scalar tensor) over positions
+        ``0..index``.
+
+        Args:
+            query: ``[b, 1, width]``, the new token.
+            key_cache, value_cache: ``[b, max_len, heads, head_dim]``; positions ``< index``
+                hold the earlier tokens' keys / values.
+        Returns:
+            ``(out [b, 1, output_dim], key_cache, value_cache)`` with this token's key and value
+            written at ``index``.
+        """
+        q, k, v = self._qkv(query, None)                                # [b, 1, h, k]
+        if self.qk_norm:
+            q, k = self.query_norm(q), self.key_norm(k)
+        index = ops.cast(index, "int32")
+        start = (0, index, 0, 0)
+        key_cache = ops.slice_update(key_cache, start, ops.cast(k, key_cache.dtype))
+        value_cache = ops.slice_update(value_cache, start, ops.cast(v, value_cache.dtype))
+        visible = ops.less_equal(ops.arange(ops.shape(key_cache)[1]), index)
+        out = self._attend(q, key_cache, value_cache, visible[None, None, None, :], None, False)
+        return self._output(out), key_cache, value_cache
+
+    def _output(self, out):
+        """``[b, q, heads, head_dim] -> [b, q, output_dim]`` (the output projection)."""
+        flat = ops.reshape(out, tuple(ops.shape(out)[:2]) + (-1,))
+        y = ops.matmul(flat, ops.cast(ops.reshape(self.output_kernel, (-1, self._out)),
+                                      flat.dtype))
+        if self.output_bias is not None:
+            y = y + ops.cast(self.output_bias, y.dtype)
+        return y
 
     def compute_output_shape(self, query_shape, value_shape=None):
         return tuple(query_shape[:-1]) + (self.output_dim or query_shape[-1],)

@@ -40,7 +40,7 @@ from keras_mm.pipelines.datasets import InputConfig
 CLASS_KEY = "__config__"
 STRATEGIES = ("one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "few_shot")
+EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "few_shot", "captioning", "vqa")
 
 
 class ConfigError(ValueError):
@@ -97,11 +97,53 @@ class MoeConfig:
 
 
 @dataclasses.dataclass
+class CaptionerConfig:
+    """Captioners (``model.kind`` coca / cappa / mammut / pali); None: the model's default.
+
+    Attributes:
+      blind: zero the image context: the same decoder trained without the image (the language-
+        model baseline a captioner must beat).
+      contrastive_weight, caption_weight: loss weights (CoCa 1 / 2, MaMMUT 1 / 1).
+      contrastive: MaMMUT's contrastive loss, "softmax" or "focal" (RO-ViT).
+      focal_gamma: gamma of the focal contrastive loss.
+      parallel_fraction: CapPa's share of parallel-prediction examples (0.75).
+      label_smoothing: of the captioning loss.
+      position_crop: MaMMUT's cropped positional embeddings: the upsampling factor of the
+        position grid (0: off).
+      decode: "greedy", "beam" or "sample" (evaluation and export).
+      beam_size, length_penalty: beam search (GNMT length penalty alpha).
+      max_decode_len: longest generated caption in tokens; None: the decoder's.
+    """
+
+    blind: bool = False
+    contrastive_weight: Optional[float] = None
+    caption_weight: Optional[float] = None
+    contrastive: Literal["softmax", "focal"] = "softmax"
+    focal_gamma: float = 2.0
+    parallel_fraction: Optional[float] = None
+    label_smoothing: float = 0.0
+    position_crop: float = 0.0
+    decode: Literal["greedy", "beam", "sample"] = "greedy"
+    beam_size: int = 4
+    length_penalty: float = 0.6
+    max_decode_len: Optional[int] = None
+
+    def __post_init__(self):
+        _check(self.parallel_fraction is None or 0.0 <= self.parallel_fraction <= 1.0,
+               f"parallel_fraction must be in [0, 1], got {self.parallel_fraction}")
+        _check(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}")
+        _check(self.position_crop == 0 or self.position_crop >= 1,
+               f"position_crop must be 0 (off) or an upsampling factor >= 1, "
+               f"got {self.position_crop}")
+
+
+@dataclasses.dataclass
 class ModelConfig:
     """The model.
 
     Attributes:
-      kind: model family: "two_tower" (CLIP / SigLIP / LiT), "limoe" or "clippo".
+      kind: model family: "two_tower" (CLIP / SigLIP / LiT), "limoe", "clippo", or a captioner:
+        "coca", "cappa", "mammut", "pali".
       preset: size preset of the family ("tiny", "s16", "b16", "l16").
       loss: "sigmoid" (SigLIP) or "softmax" (CLIP).
       chunked: SigLIP's chunked loss (logits in memory stay [local batch, local batch]).
@@ -110,6 +152,7 @@ class ModelConfig:
       embed_dim: shared embedding width; None: the preset's.
       remat: rematerialise each transformer block in the backward pass.
       moe: the mixture-of-experts settings of "limoe".
+      captioner: the settings of the captioners.
     """
 
     kind: str = "two_tower"
@@ -121,6 +164,7 @@ class ModelConfig:
     embed_dim: Optional[int] = None
     remat: bool = False
     moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+    captioner: CaptionerConfig = dataclasses.field(default_factory=CaptionerConfig)
 
 
 @dataclasses.dataclass
@@ -234,7 +278,9 @@ class EvalConfig:
       tasks: evaluations to run, any of ``EVAL_TASKS``: "zero_shot" (class names x eval templates),
         "retrieval" (R@1/5/10 both ways), "linear_probe" (logistic regression on frozen image
         embeddings of ``probe_train_split``, C chosen on ``probe_val_split``, scored on ``split``),
-        "few_shot" (big_vision's k-shot ridge regression, k in ``shots``).
+        "few_shot" (big_vision's k-shot ridge regression, k in ``shots``), "captioning"
+        (captioners: CIDEr, BLEU-4, METEOR, ROUGE-L of generated captions against every
+        reference), "vqa" (the PaLI-style model: exact-match answers to the scenes' questions).
       max_examples: cap on evaluated examples (zero-shot); None: the whole split.
       probe_train_split, probe_val_split: the splits the probes fit on and select on.
       shots: examples per class of the few-shot evaluation.
@@ -314,6 +360,10 @@ RECIPES = {
     "limoe_b16": "keras_mm.recipes.limoe:limoe_b16",
     "limoe_l16": "keras_mm.recipes.limoe:limoe_l16",
     "clippo_digits": "keras_mm.recipes.clippo:clippo_digits",
+    "coca_scenes": "keras_mm.recipes.captioners:coca_scenes",
+    "cappa_scenes": "keras_mm.recipes.captioners:cappa_scenes",
+    "mammut_scenes": "keras_mm.recipes.captioners:mammut_scenes",
+    "pali_scenes": "keras_mm.recipes.captioners:pali_scenes",
 }
 
 

@@ -47,6 +47,7 @@ tensorflow and jax are imported here only, lazily, for the backend in use; the l
 import keras
 from keras import ops
 
+from keras_mm.losses.focal_contrastive import focal_contrastive_loss
 from keras_mm.losses.pair_accuracy import pair_hits
 from keras_mm.losses.sigmoid_contrastive import sigmoid_block_loss, sigmoid_loss
 from keras_mm.losses.softmax_contrastive import CLIP_MAX_LOGIT_SCALE, softmax_contrastive_loss
@@ -155,6 +156,21 @@ def global_softmax_loss(image_emb, text_emb, log_scale, *, max_scale=CLIP_MAX_LO
         image_emb, text_emb, log_scale,
         global_image_emb=gather(image_emb, axis_name), global_text_emb=gather(text_emb, axis_name),
         label_offset=local_row_offset(image_emb, axis_name), max_scale=max_scale)
+
+
+def global_focal_loss(image_emb, text_emb, temperature, *, gamma=2.0, alpha=None, axis_name=None):
+    """RO-ViT's focal contrastive loss (MaMMUT) over the global batch: this program's share.
+
+    Every local image against every gathered text (each pair of the global batch is counted
+    once, by the replica holding its image), divided by the global batch size G:
+    ``sum_{i local, j < G} focal_ij / G`` (``keras_mm.losses.focal_contrastive``).
+    """
+    image_emb = ops.cast(image_emb, "float32")
+    all_text = gather(ops.cast(text_emb, "float32"), axis_name)
+    return focal_contrastive_loss(
+        image_emb, all_text, temperature, gamma=gamma, alpha=alpha,
+        label_offset=local_row_offset(image_emb, axis_name),
+        global_batch_size=ops.shape(all_text)[0])
 
 
 def global_sigmoid_loss(image_emb, text_emb, log_temperature, bias, *, chunked=False, mesh=None,

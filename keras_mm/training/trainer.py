@@ -25,8 +25,10 @@ from keras_mm.training import callbacks as cb
 
 LOG = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
-MODEL_KINDS = ("two_tower", "limoe", "clippo")
+CAPTIONER_KINDS = ("coca", "cappa", "mammut", "pali")
+MODEL_KINDS = ("two_tower", "limoe", "clippo") + CAPTIONER_KINDS
 CONTRACT_METRICS = (
+    "cider", "bleu4", "meteor", "rouge_l", "vqa_accuracy",
     "zero_shot_top1", "zero_shot_top5", "retrieval_i2t_r1", "retrieval_i2t_r5",
     "retrieval_i2t_r10", "retrieval_t2i_r1", "retrieval_t2i_r5", "retrieval_t2i_r10",
     "routing_success_image", "routing_success_text")
@@ -59,6 +61,10 @@ def build_model(cfg, tokenizer):
         return model
     if m.kind == "clippo":
         return _build_clippo(cfg)
+    if m.kind in CAPTIONER_KINDS:
+        model = _build_captioner(cfg, tokenizer)
+        _build_on_zeros(model, cfg)
+        return model
     if m.lit and not m.init_checkpoint:
         raise config_lib.ConfigError("model.lit needs model.init_checkpoint (a .keras image "
                                      "encoder or classifier)")
@@ -78,8 +84,51 @@ def build_model(cfg, tokenizer):
 
 def _build_on_zeros(model, cfg):
     size = cfg.data.input.image_size
-    model({"image": keras.ops.zeros((1, size, size, 3)),
-           "text": keras.ops.ones((1, cfg.data.input.max_text_len), "int32")})
+    inputs = {"image": keras.ops.zeros((1, size, size, 3)),
+              "text": keras.ops.ones((1, cfg.data.input.max_text_len), "int32")}
+    if cfg.data.input.prompt_mixture:
+        inputs["prompt"] = keras.ops.ones((1, cfg.data.input.max_prompt_len), "int32")
+    model(inputs)
+
+
+def _build_captioner(cfg, tokenizer):
+    """A captioner (CoCa, CapPa, MaMMUT, PaLI-style) of ``model.preset`` with the
+    ``model.captioner`` settings that are set."""
+    from keras_mm.models.captioners import build_captioner
+
+    m, c, data = cfg.model, cfg.model.captioner, cfg.data.input
+    if m.lit or m.chunked or m.init_checkpoint:
+        raise config_lib.ConfigError(f"model.kind {m.kind!r} has no LiT / chunked / "
+                                     "init_checkpoint mode")
+    if not data.add_bos:
+        raise config_lib.ConfigError(f"model.kind {m.kind!r} decodes from BOS: set "
+                                     "data.input.add_bos=true")
+    if (m.kind == "pali") != bool(data.prompt_mixture):
+        raise config_lib.ConfigError("model.kind 'pali' needs data.input.prompt_mixture="
+                                     "caption_qa, and only it takes prompts")
+    kwargs = {"blind": c.blind, "label_smoothing": c.label_smoothing}
+    if m.kind in ("coca", "mammut"):
+        for name in ("contrastive_weight", "caption_weight"):
+            if getattr(c, name) is not None:
+                kwargs[name] = getattr(c, name)
+        if m.embed_dim:
+            kwargs["embed_dim"] = m.embed_dim
+    if m.kind == "coca":
+        kwargs["loss"] = m.loss
+    if m.kind == "mammut":
+        kwargs.update(contrastive=c.contrastive, focal_gamma=c.focal_gamma)
+    if m.kind == "cappa" and c.parallel_fraction is not None:
+        kwargs["parallel_fraction"] = c.parallel_fraction
+    if m.kind == "pali":
+        kwargs["max_prompt_len"] = data.max_prompt_len
+    image_overrides = {"image_size": data.image_size, "remat": m.remat}
+    if c.position_crop:
+        if m.kind != "mammut":
+            raise config_lib.ConfigError("model.captioner.position_crop is MaMMUT's option")
+        image_overrides["position_crop"] = c.position_crop
+    return build_captioner(m.kind, m.preset, vocab_size=tokenizer.vocab_size,
+                           max_len=data.max_text_len, image_overrides=image_overrides,
+                           **kwargs)
 
 
 def _build_clippo(cfg):
@@ -269,7 +318,9 @@ def evaluate(cfg, model=None, tokenizer=None) -> Dict[str, float]:
     folder = cfg.eval.folder or cfg.data.folder
     tokenizer = tokenizer or load_tokenizer(cfg)
     model = model or restore(cfg, tokenizer)
-    if cfg.model.kind == "clippo":
+    if cfg.model.kind in ("cappa", "pali"):     # no contrastive head: no embeddings
+        embed_image = embed_text = None
+    elif cfg.model.kind == "clippo":
         from keras_mm.evaluation.clippo import clippo_embed_functions
 
         embed_image, embed_text = clippo_embed_functions(model, tokenizer)
@@ -282,7 +333,13 @@ def evaluate(cfg, model=None, tokenizer=None) -> Dict[str, float]:
 
     metrics: Dict[str, float] = {}
     for task in cfg.eval.tasks:
-        if task == "zero_shot":
+        if embed_image is None and task in ("zero_shot", "retrieval", "linear_probe",
+                                            "few_shot"):
+            raise config_lib.ConfigError(f"eval.tasks: {task!r} needs a contrastive head; "
+                                         f"model.kind {cfg.model.kind!r} has none")
+        if task in ("captioning", "vqa"):
+            out = caption_tasks(cfg, model, tokenizer, task, input_cfg, folder)
+        elif task == "zero_shot":
             out = zero_shot.evaluate_zero_shot_folder(
                 embed_image, embed_text, folder, cfg.eval.split, input_cfg, tokenizer,
                 max_examples=cfg.eval.max_examples)
@@ -304,6 +361,37 @@ def evaluate(cfg, model=None, tokenizer=None) -> Dict[str, float]:
         metrics.update({k: float(v) for k, v in out.items() if reported(k)})
     if hasattr(model, "routing_terms"):   # MoE models: routing success on the eval split
         metrics.update(routing_metrics(model, split(cfg.eval.split), cfg.eval.max_examples))
+    return metrics
+
+
+def caption_tasks(cfg, model, tokenizer, task, input_cfg, folder) -> Dict[str, float]:
+    """The captioning metrics (and TensorBoard samples) or the VQA accuracy of a captioner."""
+    from keras_mm.evaluation import caption_eval
+    from keras_mm.pipelines import datasets
+
+    if cfg.model.kind not in CAPTIONER_KINDS:
+        raise config_lib.ConfigError(f"eval.tasks: {task!r} needs a captioner; model.kind "
+                                     f"{cfg.model.kind!r} is not one")
+    c = cfg.model.captioner
+    dataset = datasets.caption_eval_dataset(folder, cfg.eval.split, input_cfg)
+    if task == "vqa":
+        if cfg.model.kind != "pali":
+            raise config_lib.ConfigError("eval.tasks: 'vqa' needs model.kind 'pali'")
+        return caption_eval.evaluate_vqa(model, dataset, tokenizer,
+                                         max_prompt_len=input_cfg.max_prompt_len,
+                                         max_length=c.max_decode_len,
+                                         max_examples=cfg.eval.max_examples)
+    prompt = input_cfg.caption_prompt if cfg.model.kind == "pali" else None
+    metrics, samples = caption_eval.evaluate_captions(
+        model, dataset, tokenizer, method=c.decode, beam_size=c.beam_size,
+        length_penalty=c.length_penalty, max_length=c.max_decode_len, prompt=prompt,
+        max_prompt_len=input_cfg.max_prompt_len, max_examples=cfg.eval.max_examples)
+    if samples is not None:
+        from keras_mm.evaluation.caption_samples import write_caption_samples
+
+        write_caption_samples(os.path.join(cfg.train.out_dir, "tensorboard", "eval"),
+                              cfg.train.steps, samples["images"], samples["predictions"],
+                              samples["references"])
     return metrics
 
 
@@ -347,6 +435,17 @@ class PeriodicEval(cb._GlobalStepCallback):
                      ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
 
 
+def model_name(cfg) -> str:
+    """The summary's model name: ``two_tower_sigmoid``, ``two_tower_softmax_lit``, ``coca``,
+    ``mammut_focal``, ``cappa_blind``..."""
+    m = cfg.model
+    if m.kind in CAPTIONER_KINDS:
+        name = m.kind + ("_focal" if m.kind == "mammut" and
+                         m.captioner.contrastive == "focal" else "")
+        return name + ("_blind" if m.captioner.blind else "")
+    return f"{m.kind}_{m.loss}" + ("_lit" if m.lit else "")
+
+
 def write_summary(cfg, *, train_seconds: float, metrics: Dict[str, float],
                   export_dir: str = "") -> Dict:
     """``<out_dir>/summary.json`` per DESIGN.md (merged with an existing one)."""
@@ -356,7 +455,7 @@ def write_summary(cfg, *, train_seconds: float, metrics: Dict[str, float],
         with open(path) as f:
             summary = json.load(f)
     summary.update({
-        "model": f"{cfg.model.kind}_{cfg.model.loss}" + ("_lit" if cfg.model.lit else ""),
+        "model": model_name(cfg),
         "preset": cfg.model.preset,
         "train_seconds": round(float(train_seconds), 3),
         "train_steps": int(cfg.train.steps),

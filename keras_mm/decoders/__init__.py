@@ -1,0 +1,1 @@
+"""Text decoders: causal / cross-attending transformer decoders and in-graph search."""
