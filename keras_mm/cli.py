@@ -4,6 +4,7 @@
     kmm data label-as-text --source digits|tfds|manifest --out DIR [beam flags]
     kmm data tokenizer --dataset DIR --vocab_size N [beam flags]
     kmm bench data [--out FILE]
+    kmm bench decode [--preset tiny|b16] [--kind cappa] [--batch_size N] [--length N]
 
 Every ``kmm data`` job passes flags it does not know to Apache Beam, so
 ``--runner=DataflowRunner --project=P --region=R --temp_location=gs://...`` runs it on Dataflow.
@@ -24,7 +25,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 # module path -> one-line description; each module has run(argv) -> summary dict.
 DATA_JOBS: Dict[str, tuple] = {
     "image-text": ("keras_mm.beam_jobs.image_text",
-                   "image-text TFRecords from a manifest, COCO JSON, URL TSV or WebDataset tars"),
+                   "image-text TFRecords from a manifest, COCO JSON, URL TSV, WebDataset tars, "
+                   "or built in: digit-scenes (captions + QA) and sample-photos"),
     "label-as-text": ("keras_mm.beam_jobs.label_as_text",
                       "image-text TFRecords from a classification dataset (default: digits)"),
     "tokenizer": ("keras_mm.beam_jobs.tokenizer",
