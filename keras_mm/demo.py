@@ -1,4 +1,6 @@
-"""``kmm demo``: the whole contrastive path on the bundled digits, offline, on a laptop CPU.
+"""``kmm demo``: a whole path on bundled data, offline, on a laptop CPU.
+
+Contrastive models (``--model two_tower|limoe|clippo``), on the digits:
 
 1. label-as-text Beam job on scikit-learn's real handwritten digits (+ SentencePiece tokenizer),
 2. training of the tiny preset: SigLIP two towers (``--model two_tower``, recipe
@@ -10,6 +12,18 @@
 4. export to a TF Serving SavedModel (``<out>/saved_models/siglip_digits/1``),
 5. a fresh Python process that imports only tensorflow and tensorflow_text loads the export and
    classifies the test digits from their encoded PNG bytes.
+
+Captioners (``--model coca|cappa|mammut|pali``, recipes ``<model>_scenes``), on the digit
+scenes:
+
+1. digit-scenes Beam job: scenes of 1-3 real digits with grammar captions (+ questions for the
+   PaLI-style model) split by source digit, and a SentencePiece tokenizer,
+2. training of the tiny captioner,
+3. captions of the test scenes scored with CIDEr / BLEU-4 / METEOR / ROUGE-L (+ retrieval for
+   CoCa and MaMMUT, VQA accuracy for the PaLI-style model),
+4. export with the ``caption`` signature (decoding inside the graph),
+5. a fresh tensorflow + tensorflow_text process captions the test scenes and the bundled real
+   photos with the export; the captions must equal the Keras model's.
 
 Writes ``<out>/summary.json`` (DESIGN.md contract) and prints a summary table.
 """
@@ -24,7 +38,7 @@ import sys
 import time
 from typing import Dict, Optional, Sequence
 
-from keras_mm.beam_jobs.job_flags import ArgParser
+from keras_mm.beam_jobs.job_flags import ArgParser, FlagError
 
 LOG = logging.getLogger("keras_mm.demo")
 
@@ -51,8 +65,28 @@ print(json.dumps({"export_top1": correct / total, "examples": total,
 """
 
 
+# Runs in a fresh process: captions PNG files with the export's `caption` signature.
+CAPTION_EXPORT = r"""
+import json, sys
+import tensorflow as tf
+import tensorflow_text  # noqa: F401  registers the SentencePiece ops
+export_dir, listing = sys.argv[1], sys.argv[2]
+caption = tf.saved_model.load(export_dir).signatures["caption"]
+paths = [line.strip() for line in open(listing) if line.strip()]
+out = {}
+for start in range(0, len(paths), 64):
+    chunk = paths[start:start + 64]
+    images = tf.constant([tf.io.read_file(p).numpy() for p in chunk])
+    texts = caption(image_bytes=images)["caption"].numpy()
+    out.update({p: t.decode("utf-8") for p, t in zip(chunk, texts)})
+print(json.dumps({"captions": out, "keras_mm_imported": "keras_mm" in sys.modules}))
+"""
+
 DEMO_RECIPES = {"two_tower": "siglip_digits", "limoe": "limoe_digits",
-                "clippo": "clippo_digits"}
+                "clippo": "clippo_digits", "coca": "coca_scenes", "cappa": "cappa_scenes",
+                "mammut": "mammut_scenes", "pali": "pali_scenes"}
+CAPTIONERS = ("coca", "cappa", "mammut", "pali")
+NUM_EXPORT_CHECK_SCENES = 64
 
 
 def build_parser():
@@ -65,7 +99,12 @@ def build_parser():
     parser.add_argument("--recipe", default=None, help="recipe to train (default: the model's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="PATH=VALUE", help="override a recipe field (repeatable)")
-    parser.add_argument("--vocab_size", type=int, default=400, help="tokenizer vocabulary")
+    parser.add_argument("--scenes", default=None, metavar="TRAIN,VALIDATION,TEST",
+                        help="captioners: digit scenes per split (default: the job's "
+                             "6000,500,500)")
+    parser.add_argument("--vocab_size", type=int, default=None,
+                        help="tokenizer vocabulary (default: 400 for the digits, the "
+                             "digit-scenes job's default for the scenes)")
     return parser
 
 
@@ -82,6 +121,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
 
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     args.recipe = args.recipe or DEMO_RECIPES[args.model]
+    if args.model in CAPTIONERS:
+        return run_captioner(args)
     start = time.time()
     out = os.path.abspath(args.out)
     data_dir = os.path.join(out, "digits")
@@ -92,7 +133,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
         data = {"written": "reused"}
     else:
         data = label_as_text.run(["--source", "digits", "--out", data_dir,
-                                  "--vocab_size", str(args.vocab_size)])
+                                  "--vocab_size", str(args.vocab_size or 400)])
 
     _stage(2, f"training recipe {args.recipe} -> {run_dir} (resumes if interrupted)")
     cfg = config_lib.override(config_lib.get_recipe(args.recipe),
@@ -133,4 +174,133 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     final["records_written"] = data.get("written")
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(final, f, indent=2, sort_keys=True)
+    return final
+
+
+def _write_pngs(folder: str, items) -> list:
+    """``(name, uint8 [H, W, 3])`` items -> PNG files in ``folder``; their paths."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for name, image in items:
+        path = os.path.join(folder, f"{name}.png")
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def _keras_captions(model, cfg, tokenizer, paths) -> Dict[str, str]:
+    """The Keras model's captions of PNG files, preprocessed as the export does."""
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_mm.evaluation.caption_eval import generate_function
+    from keras_mm.pipelines.datasets import eval_image_ops
+
+    c = cfg.model.captioner
+    prompt = cfg.data.input.caption_prompt if cfg.model.kind == "pali" else None
+    generate = generate_function(model, method=c.decode, beam_size=c.beam_size,
+                                 length_penalty=c.length_penalty, max_length=c.max_decode_len,
+                                 with_prompt=prompt is not None)
+    preprocess = eval_image_ops(cfg.data.input)
+    out = {}
+    for start in range(0, len(paths), 64):
+        chunk = paths[start:start + 64]
+        images = np.stack([preprocess({"image/encoded": tf.io.read_file(p)})["image"].numpy()
+                           for p in chunk])
+        prompt_ids = None
+        if prompt is not None:
+            prompt_ids = tokenizer.tokenize([prompt] * len(chunk),
+                                            cfg.data.input.max_prompt_len, add_bos=False,
+                                            add_eos=True).numpy()
+        texts = tokenizer.detokenize(generate(images, prompt_ids)).numpy()
+        out.update({p: t.decode("utf-8") for p, t in zip(chunk, texts)})
+    return out
+
+
+def run_captioner(args) -> Dict:
+    """The captioner demo (module docstring): digit scenes -> train -> caption metrics ->
+    export -> captions from the export in a fresh process."""
+    from keras_mm.beam_jobs import digit_scenes, image_text, sample_photos
+    from keras_mm.recipes import config as config_lib
+    from keras_mm.training import trainer
+    from keras_mm.training.commands import export_model
+
+    start = time.time()
+    out = os.path.abspath(args.out)
+    data_dir = os.path.join(out, "digit_scenes")
+    run_dir = os.path.join(out, "run")
+
+    _stage(1, f"digit-scenes Beam job -> {data_dir}")
+    if os.path.exists(os.path.join(data_dir, "tokenizer.model")):
+        data = {"written": "reused"}
+    else:
+        flags = ["--source", "digit-scenes", "--out", data_dir]
+        if args.scenes:
+            counts = args.scenes.split(",")
+            if len(counts) != 3 or not all(c.strip().isdigit() for c in counts):
+                raise FlagError(f"--scenes takes three counts TRAIN,VALIDATION,TEST, "
+                                 f"got {args.scenes!r}")
+            for split, count in zip(("train", "validation", "test"), counts):
+                flags += [f"--num_{split}", count.strip()]
+        if args.vocab_size:
+            flags += ["--vocab_size", str(args.vocab_size)]
+        data = image_text.run(flags)
+
+    _stage(2, f"training recipe {args.recipe} -> {run_dir} (resumes if interrupted)")
+    cfg = config_lib.override(config_lib.get_recipe(args.recipe),
+                              [f"data.folder={data_dir}", f"train.out_dir={run_dir}"]
+                              + list(args.overrides))
+    summary, model = trainer.train(cfg)
+    metrics = summary["metrics"]
+    _stage(3, "captions of the test scenes: " + ", ".join(
+        f"{k} {metrics[k]:.3f}" for k in ("cider", "bleu4", "meteor", "rouge_l",
+                                          "retrieval_i2t_r1", "vqa_accuracy") if k in metrics))
+
+    name = cfg.export.name or cfg.name
+    export_dir = os.path.join(out, "saved_models", name, "1")
+    _stage(4, f"export -> {export_dir}")
+    if os.path.exists(export_dir):
+        import shutil
+
+        shutil.rmtree(export_dir)
+    tokenizer = trainer.load_tokenizer(cfg)
+    export_model(model, tokenizer, cfg.data.input, ["{}"], export_dir,
+                 captioner=cfg.model.captioner)
+
+    _stage(5, "captioning test scenes and real photos with the export in a fresh process "
+              "(tensorflow + tensorflow_text only)")
+    scenes = [digit_scenes.generate_scene("test", i) for i in range(NUM_EXPORT_CHECK_SCENES)]
+    paths = _write_pngs(os.path.join(out, "export_check", "scenes"),
+                        [(s.id, s.image) for s in scenes])
+    photos = sample_photos.sample_photos()
+    paths += _write_pngs(os.path.join(out, "export_check", "photos"),
+                         [(n, image) for n, image, _ in photos])
+    listing = os.path.join(out, "export_check", "files.txt")
+    with open(listing, "w") as f:
+        f.write("\n".join(paths) + "\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", CAPTION_EXPORT, export_dir, listing],
+                            capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"the export failed in a fresh process: {result.stderr[-2000:]}")
+    check = json.loads(result.stdout.strip().splitlines()[-1])
+    exported = check["captions"]
+    expected = _keras_captions(model, cfg, tokenizer, paths)
+    same = sum(exported[p] == expected[p] for p in paths)
+    photo_captions = {os.path.basename(p)[:-4]: exported[p] for p in paths
+                      if "/photos/" in p}
+
+    final = trainer.write_summary(cfg, train_seconds=summary["train_seconds"], metrics={},
+                                  export_dir=export_dir)
+    final["export_check"] = {"images": len(paths), "same_as_keras": same,
+                             "keras_mm_imported": check["keras_mm_imported"],
+                             "photo_captions": photo_captions}
+    final["demo_seconds"] = round(time.time() - start, 1)
+    final["records_written"] = data.get("written")
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(final, f, indent=2, sort_keys=True)
+    print(json.dumps({"export_captions_equal_keras": f"{same}/{len(paths)}",
+                      "photo_captions": photo_captions}, indent=2))
     return final

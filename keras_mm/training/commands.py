@@ -87,10 +87,24 @@ def next_version(base: str) -> int:
     return max(versions, default=0) + 1
 
 
-def export_model(model, tokenizer, input_config, templates, export_dir, class_names=None):
-    """The SavedModel of a trained model of any family: CLIPPO renders text in the graph, the
-    others (two-tower, LIMoE) tokenize it."""
-    if getattr(model, "family", None) == "clippo":
+def export_model(model, tokenizer, input_config, templates, export_dir, class_names=None,
+                 captioner=None):
+    """The SavedModel of a trained model of any family: CLIPPO renders text in the graph,
+    captioners (CoCa, CapPa, MaMMUT, PaLI-style) generate captions in it with the search of
+    ``captioner`` (a ``CaptionerConfig``: decode, beam_size, length_penalty, max_decode_len;
+    default greedy), the others (two-tower, LIMoE) tokenize text."""
+    from keras_mm.export.captioner import CAPTIONER_FAMILIES
+
+    family = getattr(model, "family", None)
+    if family in CAPTIONER_FAMILIES:
+        from keras_mm.export.captioner import export_captioner
+
+        search = {} if captioner is None else dict(
+            method=captioner.decode, beam_size=captioner.beam_size,
+            length_penalty=captioner.length_penalty, max_length=captioner.max_decode_len)
+        return export_captioner(model, tokenizer, input_config, export_dir,
+                                eval_templates=templates, class_names=class_names, **search)
+    if family == "clippo":
         from keras_mm.export.clippo import export_clippo as write
     else:
         from keras_mm.export.two_tower import export_two_tower as write
@@ -103,8 +117,9 @@ def export(argv: Optional[Sequence[str]] = None) -> Dict:
 
     from tensorflow.io.gfile import exists as tf_exists
 
-    from keras_mm.evaluation.zero_shot import (CLASSNAMES_FILE, load_class_names,
-                                               load_eval_templates)
+    from keras_mm.evaluation.zero_shot import (CLASSNAMES_FILE, TEMPLATES_EVAL_FILE,
+                                               load_class_names, load_eval_templates)
+    from keras_mm.export.two_tower import read_export_info
     from keras_mm.training import trainer
 
     parser = _config_parser("kmm export", "Export a trained run as a TF Serving SavedModel.",
@@ -125,13 +140,16 @@ def export(argv: Optional[Sequence[str]] = None) -> Dict:
     folder = cfg.eval.folder or cfg.data.folder
     class_names = (load_class_names(folder) if tf_exists(os.path.join(folder, CLASSNAMES_FILE))
                    else None)
-    export_model(model, tokenizer, dataclasses.replace(cfg.data.input),
-                 load_eval_templates(folder), export_dir, class_names=class_names)
+    # Label-as-text folders carry eval templates; image-text ones (the captioners') do not:
+    # then `classify` embeds each label as given.
+    templates = (load_eval_templates(folder)
+                 if tf_exists(os.path.join(folder, TEMPLATES_EVAL_FILE)) else ["{}"])
+    export_model(model, tokenizer, dataclasses.replace(cfg.data.input), templates, export_dir,
+                 class_names=class_names, captioner=cfg.model.captioner)
     summary = trainer.write_summary(cfg, train_seconds=_previous(cfg, "train_seconds", 0.0),
                                     metrics={}, export_dir=export_dir)
     return {"export_dir": export_dir, "name": name, "version": version,
-            "signatures": ["embed_image", "embed_text", "classify", "serving_default"]
-            + (["classify_classes"] if class_names else []),
+            "signatures": sorted(read_export_info(export_dir)["signatures"]),
             "summary": os.path.join(cfg.train.out_dir, "summary.json"), **summary}
 
 
