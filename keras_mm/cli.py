@@ -41,6 +41,8 @@ BENCHES: Dict[str, tuple] = {
             "LIMoE train step time at fixed per-token compute as experts grow"),
     "flexivit": ("keras_mm.bench.flexivit",
                  "FlexiViT vs fixed-patch ViTs on the digits: accuracy and speed per patch"),
+    "decode": ("keras_mm.bench.decode",
+               "cached (KV) vs full re-decoding greedy tokens/s, and that the tokens match"),
 }
 # command -> (module:function taking argv and returning a summary dict, help)
 COMMANDS: Dict[str, tuple] = {
@@ -52,7 +54,8 @@ COMMANDS: Dict[str, tuple] = {
     "serve": ("keras_mm.training.commands:serve",
               "serve an export over TF Serving's REST API (development and tests)"),
     "demo": ("keras_mm.demo:run",
-             "digits -> SigLIP training -> zero-shot eval -> export -> serving check"),
+             "bundled data -> training -> eval -> export -> fresh-process check "
+             "(two_tower, limoe, clippo on digits; coca, cappa, mammut, pali on scenes)"),
 }
 
 
