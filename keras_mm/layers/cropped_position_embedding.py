@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 
-from keras import ops
 import keras
+from keras import ops
 
 
 def _bilinear_sample(table, ys, xs):

@@ -15,11 +15,11 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_mm.models.captioning import CaptionerMixin, teacher_forcing
+from keras_mm.models.captioning import CaptionOnlyModel, teacher_forcing
 
 
 @keras.saving.register_keras_serializable(package="keras_mm")
-class CapPaModel(CaptionerMixin, keras.Model):
+class CapPaModel(CaptionOnlyModel):
     """ViT encoder -> (projected tokens) -> text decoder cross-attending in every block.
 
     Args:
@@ -92,18 +92,6 @@ class CapPaModel(CaptionerMixin, keras.Model):
         tokens = ops.cast(ops.argmax(logits, axis=-1), "int32")
         return pad_after_eos(tokens, self.decoder.eos_id, self.decoder.pad_id)
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        if y_pred is None:
-            y_pred = self(x, training=training)
-        loss = self.caption_share(y_pred)
-        if self.losses:
-            loss = loss + ops.sum(self.losses)
-        return loss
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        self.track_caption(y_pred)
-        return self.get_metrics_result()
-
     def get_config(self):
         config = super().get_config()
         config.update({
@@ -112,13 +100,6 @@ class CapPaModel(CaptionerMixin, keras.Model):
             "parallel_fraction": self.parallel_fraction, "blind": self.blind,
             "label_smoothing": self.label_smoothing, "seed": self.seed})
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        for key in ("image_encoder", "decoder"):
-            config[key] = keras.saving.deserialize_keras_object(config[key])
-        return cls(**config)
 
 
 def pad_after_eos(tokens, eos_id, pad_id=0):

@@ -30,7 +30,15 @@ def teacher_forcing(text):
 
 class CaptionerMixin:
     """Generation, scoring and the captioning loss for a model with ``decoder`` and
-    ``caption_context`` (module docstring)."""
+    ``caption_context`` (module docstring). Configs hold the nested ``image_encoder`` and
+    ``decoder``; ``from_config`` rebuilds them."""
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("image_encoder", "decoder"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
 
     def _init_captioner(self, blind=False, label_smoothing=0.0):
         self.blind = bool(blind)
@@ -109,3 +117,21 @@ class CaptionerMixin:
         picked = ops.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
         mask = ops.cast(ops.not_equal(labels, self.decoder.pad_id), "float32")
         return ops.reshape(ops.sum(picked * mask, axis=-1), (n, k))
+
+
+class CaptionOnlyModel(CaptionerMixin, keras.Model):
+    """A captioner trained with the captioning loss alone (CapPa, the PaLI-style model): the
+    subclass's ``call`` returns ``{"logits", "caption_loss", "token_accuracy"}``."""
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if y_pred is None:
+            y_pred = self(x, training=training)
+        loss = self.caption_share(y_pred)
+        if self.losses:   # regularisers (none by default), split evenly over replicas
+            _, replicas = global_batch.replica_info()
+            loss = loss + ops.sum(self.losses) / replicas
+        return loss
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        self.track_caption(y_pred)
+        return self.get_metrics_result()

@@ -164,10 +164,3 @@ class CoCaModel(CaptionerMixin, TwoTowerModel):
             "label_smoothing": self.label_smoothing, "log_scale_init": self.log_scale_init,
             "bias_init": self.bias_init})
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        for key in ("image_encoder", "decoder"):
-            config[key] = keras.saving.deserialize_keras_object(config[key])
-        return cls(**config)

@@ -131,10 +131,3 @@ class MaMMUTModel(CaptionerMixin, TwoTowerModel):
             "caption_weight": self.caption_weight, "blind": self.blind,
             "label_smoothing": self.label_smoothing, "log_scale_init": self.log_scale_init})
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        for key in ("image_encoder", "decoder"):
-            config[key] = keras.saving.deserialize_keras_object(config[key])
-        return cls(**config)

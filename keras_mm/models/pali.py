@@ -20,11 +20,11 @@ from keras import ops
 
 from keras_mm.layers.learned_position_embedding import LearnedPositionEmbedding
 from keras_mm.layers.transformer_encoder import TransformerEncoder
-from keras_mm.models.captioning import CaptionerMixin
+from keras_mm.models.captioning import CaptionOnlyModel
 
 
 @keras.saving.register_keras_serializable(package="keras_mm")
-class PaLIModel(CaptionerMixin, keras.Model):
+class PaLIModel(CaptionOnlyModel):
     """ViT + prompt encoder + text decoder.
 
     Args:
@@ -73,18 +73,6 @@ class PaLIModel(CaptionerMixin, keras.Model):
                                      prompt=inputs["prompt"])
         return {"logits": logits, **self.caption_terms(logits, inputs["text"])}
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        if y_pred is None:
-            y_pred = self(x, training=training)
-        loss = self.caption_share(y_pred)
-        if self.losses:
-            loss = loss + ops.sum(self.losses)
-        return loss
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        self.track_caption(y_pred)
-        return self.get_metrics_result()
-
     def get_config(self):
         config = super().get_config()
         config.update({
@@ -93,10 +81,3 @@ class PaLIModel(CaptionerMixin, keras.Model):
             "encoder_depth": self.encoder_depth, "max_prompt_len": self.max_prompt_len,
             "blind": self.blind, "label_smoothing": self.label_smoothing})
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        for key in ("image_encoder", "decoder"):
-            config[key] = keras.saving.deserialize_keras_object(config[key])
-        return cls(**config)
