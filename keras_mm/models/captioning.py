@@ -19,6 +19,7 @@ import keras
 from keras import ops
 
 from keras_mm.losses import captioning as caption_losses
+from keras_mm.models.two_tower import TwoTowerModel
 from keras_mm.training import global_batch
 
 
@@ -135,3 +136,26 @@ class CaptionOnlyModel(CaptionerMixin, keras.Model):
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         self.track_caption(y_pred)
         return self.get_metrics_result()
+
+
+class ContrastiveCaptionerModel(CaptionerMixin, TwoTowerModel):
+    """A captioner with a contrastive head (CoCa, MaMMUT): a ``TwoTowerModel`` whose towers are
+    views of the captioner, trained with
+    ``contrastive_weight * contrastive_share + caption_weight * caption_share``. The subclass's
+    ``call`` returns the two-tower outputs plus ``logits``, ``caption_loss``, ``token_accuracy``
+    and sets ``contrastive_weight`` / ``caption_weight``."""
+
+    def contrastive_share(self, x, y, y_pred, sample_weight=None, training=True):
+        """This replica's share of the contrastive loss: the two-tower one by default."""
+        return TwoTowerModel.compute_loss(self, x, y, y_pred, sample_weight, training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if y_pred is None:
+            y_pred = self(x, training=training)
+        return (self.contrastive_weight
+                * self.contrastive_share(x, y, y_pred, sample_weight, training)
+                + self.caption_weight * self.caption_share(y_pred))
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        self.track_caption(y_pred)
+        return super().compute_metrics(x, y, y_pred, sample_weight)

@@ -26,12 +26,12 @@ import keras
 from keras import ops
 
 from keras_mm.layers.attentional_pooler import AttentionalPooler
-from keras_mm.models.captioning import CaptionerMixin, teacher_forcing
-from keras_mm.models.two_tower import TwoTowerModel, l2_normalize
+from keras_mm.models.captioning import ContrastiveCaptionerModel, teacher_forcing
+from keras_mm.models.two_tower import l2_normalize
 
 
 @keras.saving.register_keras_serializable(package="keras_mm")
-class CoCaModel(CaptionerMixin, TwoTowerModel):
+class CoCaModel(ContrastiveCaptionerModel):
     """Image encoder + attentional poolers + unimodal / multimodal text decoder.
 
     Args:
@@ -139,17 +139,6 @@ class CoCaModel(CaptionerMixin, TwoTowerModel):
         if self.logits.bias is not None:
             out["b"] = ops.cast(self.logits.bias, "float32")
         return out
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        if y_pred is None:
-            y_pred = self(x, training=training)
-        contrastive = super().compute_loss(x, y, y_pred, sample_weight, training)
-        return (self.contrastive_weight * contrastive
-                + self.caption_weight * self.caption_share(y_pred))
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        self.track_caption(y_pred)
-        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def get_config(self):
         config = keras.Model.get_config(self)

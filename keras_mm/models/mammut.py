@@ -21,15 +21,15 @@ import keras
 from keras import ops
 
 from keras_mm.layers import pooling
-from keras_mm.models.captioning import CaptionerMixin, teacher_forcing
-from keras_mm.models.two_tower import TwoTowerModel, l2_normalize
+from keras_mm.models.captioning import ContrastiveCaptionerModel, teacher_forcing
+from keras_mm.models.two_tower import l2_normalize
 from keras_mm.training import global_batch
 
 CONTRASTIVE_LOSSES = ("softmax", "focal")
 
 
 @keras.saving.register_keras_serializable(package="keras_mm")
-class MaMMUTModel(CaptionerMixin, TwoTowerModel):
+class MaMMUTModel(ContrastiveCaptionerModel):
     """Image encoder + one two-pass text decoder.
 
     Args:
@@ -103,23 +103,14 @@ class MaMMUTModel(CaptionerMixin, TwoTowerModel):
         return {"image_emb": image_emb, "text_emb": text_emb, "logits": logits,
                 "t": self.logits.scale, **self.caption_terms(logits, inputs["text"])}
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        if y_pred is None:
-            y_pred = self(x, training=training)
+    def contrastive_share(self, x, y, y_pred, sample_weight=None, training=True):
         if self.contrastive == "focal":
-            contrastive = global_batch.global_focal_loss(
+            return global_batch.global_focal_loss(
                 y_pred["image_emb"], y_pred["text_emb"], 1.0 / self.logits.scale,
                 gamma=self.focal_gamma)
-        else:
-            contrastive = global_batch.global_softmax_loss(
-                y_pred["image_emb"], y_pred["text_emb"], self.logits.log_scale,
-                max_scale=self.logits.max_scale)
-        return (self.contrastive_weight * contrastive
-                + self.caption_weight * self.caption_share(y_pred))
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        self.track_caption(y_pred)
-        return super().compute_metrics(x, y, y_pred, sample_weight)
+        return global_batch.global_softmax_loss(
+            y_pred["image_emb"], y_pred["text_emb"], self.logits.log_scale,
+            max_scale=self.logits.max_scale)
 
     def get_config(self):
         config = keras.Model.get_config(self)

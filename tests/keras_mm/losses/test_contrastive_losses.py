@@ -19,6 +19,7 @@ from keras_mm.losses import (
     sigmoid_loss,
     softmax_contrastive_loss,
 )
+from tests.keras_mm.losses.gradients import value_and_grads
 
 pytestmark = pytest.mark.both_backends
 
@@ -33,27 +34,6 @@ SOFTMAX_CASES = pytest.mark.parametrize(
     "case", GOLDEN["softmax"], ids=lambda c: f"log_scale={c['log_scale']:.2f}")
 SPLITS = pytest.mark.parametrize(
     "split_index", range(len(GOLDEN["splits"])), ids=lambda i: "+".join(map(str, GOLDEN["splits"][i])))
-
-
-def value_and_grads(fn, *args):
-    """fn(*tensors) -> scalar; returns (value, [d value / d arg]) as NumPy, on the active backend."""
-    args = [np.asarray(a, np.float32) for a in args]
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        tensors = [tf.constant(a) for a in args]
-        with tf.GradientTape() as tape:
-            tape.watch(tensors)
-            value = fn(*tensors)
-        grads = tape.gradient(value, tensors)
-    elif backend == "jax":
-        import jax
-
-        value, grads = jax.value_and_grad(fn, argnums=tuple(range(len(args))))(*args)
-    else:
-        pytest.skip(f"no gradient helper for backend {backend}")
-    return np.asarray(value), [np.asarray(g) for g in grads]
 
 
 def row_slices(split):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from keras_mm.losses import focal_contrastive_loss
+from tests.keras_mm.losses.gradients import value_and_grads
 
 pytestmark = pytest.mark.both_backends
 
@@ -39,27 +40,6 @@ def np_sigmoid_bce(image, text, tau):
     labels = np.eye(len(image))
     bce = labels * np.logaddexp(0.0, -logits) + (1.0 - labels) * np.logaddexp(0.0, logits)
     return bce.sum() / len(image)
-
-
-def value_and_grads(fn, *args):
-    """fn(*tensors) -> scalar; (value, [d value / d arg]) as NumPy on the active backend."""
-    args = [np.asarray(a, np.float32) for a in args]
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        tensors = [tf.constant(a) for a in args]
-        with tf.GradientTape() as tape:
-            tape.watch(tensors)
-            value = fn(*tensors)
-        grads = tape.gradient(value, tensors)
-    elif backend == "jax":
-        import jax
-
-        value, grads = jax.value_and_grad(fn, argnums=tuple(range(len(args))))(*args)
-    else:
-        pytest.skip(f"no gradient helper for backend {backend}")
-    return np.asarray(value), [np.asarray(g) for g in grads]
 
 
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 0.5])
