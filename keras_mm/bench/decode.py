@@ -334,7 +334,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
             out[name] = {"seconds": round(seconds, 6),
                          "seconds_all": [round(t, 6) for t in times[name]],
                          "tokens_per_second": round(args.batch_size * length / seconds, 2),
-                         "ms_per_token_step": round(seconds / length * 1e3, 4),
+                         "ms_per_token_step": round(seconds / length * 1e3, 6),
                          "compile_seconds": round(compile_seconds[name], 3)}
         if "beam" in out:
             out["beam"]["beam_size"] = args.beam_size
