@@ -13,9 +13,8 @@ import logging
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from apache_beam.options.pipeline_options import PipelineOptions
-
-from keras_mm.beam_jobs import records as rec
+# Beam (and records, which imports it) load lazily: the benchmarks share FlagError / ArgParser
+# and run where only Keras and JAX are installed (the GPU machine).
 
 
 class FlagError(ValueError):
@@ -59,6 +58,8 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
                             "label-as-text, whose template captions unigram splits into "
                             "letters; unigram for image-text)")
     group = parser.add_argument_group("image validation")
+    from keras_mm.beam_jobs import records as rec
+
     defaults = rec.ImageOptions()
     group.add_argument("--min_side", type=int, default=defaults.min_side,
                        help="reject images whose short side is smaller")
@@ -74,13 +75,15 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def image_options(args: argparse.Namespace) -> rec.ImageOptions:
+def image_options(args: argparse.Namespace) -> "rec.ImageOptions":
     if args.min_side < 1 or args.max_side < args.min_side:
         raise FlagError(f"need 1 <= --min_side <= --max_side, got {args.min_side}, {args.max_side}")
     if args.max_captions < 1:
         raise FlagError("--max_captions must be >= 1")
     if not 1 <= args.jpeg_quality <= 100:
         raise FlagError("--jpeg_quality must be in [1, 100]")
+    from keras_mm.beam_jobs import records as rec
+
     return rec.ImageOptions(min_side=args.min_side, max_side=args.max_side,
                             max_aspect=args.max_aspect, resize_max_side=args.resize_max_side,
                             jpeg_quality=args.jpeg_quality, max_captions=args.max_captions)
@@ -98,8 +101,10 @@ def split_fractions(args: argparse.Namespace) -> Tuple[float, float, float]:
 
 
 def parse_job_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]
-                   ) -> Tuple[argparse.Namespace, PipelineOptions]:
+                   ) -> Tuple[argparse.Namespace, "PipelineOptions"]:
     """Own flags -> Namespace; the rest -> PipelineOptions. Unknown to both -> FlagError."""
+    from apache_beam.options.pipeline_options import PipelineOptions  # lazy: benches need no Beam
+
     args, rest = parser.parse_known_args(list(argv) if argv is not None else None)
     options = PipelineOptions(rest)
     known = options.get_all_options(retain_unknown_options=False)
@@ -112,7 +117,7 @@ def parse_job_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]
     return args, options
 
 
-def run_pipeline(build: Callable, options: PipelineOptions, name: str = "job") -> Dict:
+def run_pipeline(build: Callable, options: "PipelineOptions", name: str = "job") -> Dict:
     """Build the pipeline with ``build(pipeline)``, run it to completion, time it.
 
     ``build`` returns nothing; the caller reads stats.json afterwards (it is written by the

@@ -20,7 +20,7 @@ def _randomise_biases(layer):
             v.assign(RNG.normal(size=v.shape).astype("float32"))
 
 
-@pytest.mark.parametrize("impl", ["einsum", "dot_product"])
+@pytest.mark.parametrize("impl", ["auto", "einsum", "dot_product"])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("qk_norm,qkv_bias", [(False, True), (True, False)])
 def test_self_attention_matches_numpy(impl, fused, qk_norm, qkv_bias):
@@ -35,7 +35,7 @@ def test_self_attention_matches_numpy(impl, fused, qk_norm, qkv_bias):
                                atol=2e-5)
 
 
-@pytest.mark.parametrize("impl", ["einsum", "dot_product"])
+@pytest.mark.parametrize("impl", ["auto", "einsum", "dot_product"])
 @pytest.mark.parametrize("fused", [True, False])
 def test_cross_attention_and_masks_match_numpy(impl, fused):
     q, kv = _x(2, 3, 8), _x(2, 6, 10)
@@ -56,7 +56,7 @@ def test_cross_attention_and_masks_match_numpy(impl, fused):
         ref.mha(self_layer, x.astype(np.float64), mask=mask3[:, None], causal=True), atol=2e-5)
 
 
-@pytest.mark.parametrize("impl", ["einsum", "dot_product"])
+@pytest.mark.parametrize("impl", ["auto", "einsum", "dot_product"])
 def test_causal_mask_blocks_the_future(impl):
     layer = MultiHeadAttention(2, attention_impl=impl)
     x = _x(1, 6, 8)
@@ -68,7 +68,7 @@ def test_causal_mask_blocks_the_future(impl):
     assert np.abs(y2[:, 4:] - y[:, 4:]).max() > 1e-2               # the changed tokens do
 
 
-@pytest.mark.parametrize("impl", ["einsum", "dot_product"])
+@pytest.mark.parametrize("impl", ["auto", "einsum", "dot_product"])
 def test_padding_mask_makes_outputs_independent_of_pad_content(impl):
     layer = MultiHeadAttention(2, attention_impl=impl)
     x = _x(2, 6, 8)
@@ -136,3 +136,15 @@ def test_round_trip_cross_with_mask():
     assert_serialization_round_trip(layer, (_x(2, 3, 8), _x(2, 4, 6)),
                                     {"attention_mask": np.array([[1, 1, 0, 1], [1, 0, 0, 0]],
                                                                 bool)})
+
+
+def test_auto_impl_resolves_by_backend_and_device():
+    from keras_mm.layers import attention as att
+
+    q = np.zeros((2, 5, 3, 4), "float32")
+    assert att._use_dot_product("dot_product", q) and not att._use_dot_product("einsum", q)
+    # no accelerator on the test machines: "auto" is the einsum form there
+    assert not att._use_dot_product("auto", q)
+    assert att._accelerated_jax("tensorflow") is False
+    with pytest.raises(ValueError, match="attention_impl"):
+        MultiHeadAttention(2, attention_impl="flash")
