@@ -24,6 +24,7 @@ from keras import ops
 
 from keras_mm.encoders.projection_head import ProjectionHead
 from keras_mm.layers import pooling
+from keras_mm.layers.conv_stem import ConvStem
 from keras_mm.layers.flexi_patch_embedding import FlexiPatchEmbedding
 from keras_mm.layers.learned_position_embedding import LearnedPositionEmbedding
 from keras_mm.layers.map_head import MAPHead
@@ -34,6 +35,7 @@ from keras_mm.layers.transformer_encoder import TransformerEncoder
 
 POOLS = ("cls", "gap", "map")
 POS_EMBEDDINGS = ("learned", "sincos2d")
+STEMS = ("patch", "conv")
 
 
 @keras.saving.register_keras_serializable(package="keras_mm")
@@ -74,8 +76,10 @@ class ViTEncoder(keras.Model):
             ``keras_mm.layers.cropped_position_embedding``): the upsampling factor of the
             learned position grid before a random crop is resized back (0 = off; RO-ViT: 224 ->
             1024, about 4.6).
+        stem: ``"patch"`` (the patchify convolution) or ``"conv"`` (Xiao et al. 2021's
+            convolutional stem, ``keras_mm.layers.conv_stem``; square power-of-two patches).
 
-    ``patch_sizes``, ``base_patch_size``, ``block`` and ``position_crop`` appear in the config
+    ``patch_sizes``, ``base_patch_size``, ``block``, ``position_crop`` and ``stem`` appear in the config
     only when set, so
     the configs of fixed-patch pre-LN encoders are unchanged.
 
@@ -90,7 +94,7 @@ class ViTEncoder(keras.Model):
                  drop_path=0.0, remat=False, qk_norm=False, qkv_bias=True, fused_qkv=True,
                  attention_impl=None, patch_impl="conv", layer_norm_epsilon=1e-6,
                  patch_sizes=None, base_patch_size=None, block="pre_ln", position_crop=0.0,
-                 **kwargs):
+                 stem="patch", **kwargs):
         super().__init__(**kwargs)
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -125,8 +129,17 @@ class ViTEncoder(keras.Model):
         self.crop_seed = keras.random.SeedGenerator() if self.position_crop else None
         self.active_patch_size = None     # (p_h, p_w) from set_patch_size(); None = patch_size
 
+        if stem not in STEMS or (stem == "conv" and self.patch_sizes is not None):
+            raise ValueError(f"stem must be one of {STEMS} (conv: not with patch_sizes), "
+                             f"got {stem!r}")
+        self.stem = stem
         policy = self.dtype_policy
-        if self.patch_sizes is None:
+        if stem == "conv":
+            if self.patch_size[0] != self.patch_size[1]:
+                raise ValueError(f"a conv stem needs square patches, got {self.patch_size}")
+            self.patch_embedding = ConvStem(self.patch_size[0], self.width, dtype=policy,
+                                            name="patch_embedding")
+        elif self.patch_sizes is None:
             self.patch_embedding = PatchEmbedding(self.patch_size, self.width,
                                                   implementation=patch_impl, dtype=policy,
                                                   name="patch_embedding")
@@ -250,6 +263,8 @@ class ViTEncoder(keras.Model):
             config["block"] = self.block
         if self.position_crop:
             config["position_crop"] = self.position_crop
+        if self.stem != "patch":
+            config["stem"] = self.stem
         return config
 
 

@@ -152,9 +152,11 @@ class ContrastiveCaptionerModel(CaptionerMixin, TwoTowerModel):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if y_pred is None:
             y_pred = self(x, training=training)
-        return (self.contrastive_weight
-                * self.contrastive_share(x, y, y_pred, sample_weight, training)
-                + self.caption_weight * self.caption_share(y_pred))
+        loss = self.caption_weight * self.caption_share(y_pred)
+        if self.contrastive_weight:  # weight 0: a captioning-only model (e.g. a blind baseline)
+            loss = loss + self.contrastive_weight * self.contrastive_share(
+                x, y, y_pred, sample_weight, training)
+        return loss
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         self.track_caption(y_pred)

@@ -151,6 +151,10 @@ class ModelConfig:
       init_checkpoint: a saved Keras image encoder / classifier to initialise the image tower from.
       embed_dim: shared embedding width; None: the preset's.
       remat: rematerialise each transformer block in the backward pass.
+      stem: the image encoder's stem: "patch" (ViT's patchify convolution) or "conv" (Xiao et
+        al. 2021's stack of 3x3 stride-2 convolutions, ``keras_mm.layers.conv_stem``), for the
+        two-tower models and the captioners.
+      patch_size: the image encoder's patch size; None: the preset's.
       moe: the mixture-of-experts settings of "limoe".
       captioner: the settings of the captioners.
     """
@@ -163,6 +167,8 @@ class ModelConfig:
     init_checkpoint: Optional[str] = None
     embed_dim: Optional[int] = None
     remat: bool = False
+    stem: Literal["patch", "conv"] = "patch"
+    patch_size: Optional[int] = None
     moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
     captioner: CaptionerConfig = dataclasses.field(default_factory=CaptionerConfig)
 

@@ -68,7 +68,8 @@ def build_model(cfg, tokenizer):
     if m.lit and not m.init_checkpoint:
         raise config_lib.ConfigError("model.lit needs model.init_checkpoint (a .keras image "
                                      "encoder or classifier)")
-    image_overrides = {"image_size": cfg.data.input.image_size, "remat": m.remat}
+    image_overrides = {"image_size": cfg.data.input.image_size, "remat": m.remat,
+                       **_stem_overrides(m)}
     text_overrides = {"remat": m.remat}
     if m.embed_dim:
         image_overrides["output_dim"] = m.embed_dim
@@ -121,7 +122,7 @@ def _build_captioner(cfg, tokenizer):
         kwargs["parallel_fraction"] = c.parallel_fraction
     if m.kind == "pali":
         kwargs["max_prompt_len"] = data.max_prompt_len
-    image_overrides = {"image_size": data.image_size, "remat": m.remat}
+    image_overrides = {"image_size": data.image_size, "remat": m.remat, **_stem_overrides(m)}
     if c.position_crop:
         if m.kind != "mammut":
             raise config_lib.ConfigError("model.captioner.position_crop is MaMMUT's option")
@@ -129,6 +130,17 @@ def _build_captioner(cfg, tokenizer):
     return build_captioner(m.kind, m.preset, vocab_size=tokenizer.vocab_size,
                            max_len=data.max_text_len, image_overrides=image_overrides,
                            **kwargs)
+
+
+def _stem_overrides(m):
+    """Image-encoder kwargs of ``model.stem`` / ``model.patch_size`` (none when unset, so the
+    configs of runs without them are unchanged)."""
+    out = {}
+    if m.stem != "patch":
+        out["stem"] = m.stem
+    if m.patch_size:
+        out["patch_size"] = m.patch_size
+    return out
 
 
 def _build_clippo(cfg):

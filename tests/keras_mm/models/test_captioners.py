@@ -180,6 +180,28 @@ def test_loss_is_the_papers_weighted_sum(kind):
     np.testing.assert_allclose(total, contrastive + weight * caption, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["coca", "mammut"])
+def test_contrastive_weight_zero_is_captioning_only(kind):
+    """The blind baselines of CoCa / MaMMUT train the decoder on captions alone: with
+    contrastive_weight 0 the loss is the weighted caption loss and no gradient reaches the
+    image encoder (TensorFlow then prunes its backward pass)."""
+    model = _model(kind, contrastive_weight=0.0, blind=True)
+    batch = _batch()
+    out = model(batch)
+    _, labels = teacher_forcing(batch["text"])
+    caption = float(_np(captioning_loss(out["logits"], labels)))
+    weight = {"coca": 2.0, "mammut": 1.0}[kind]
+    np.testing.assert_allclose(float(_np(model.compute_loss(batch, y_pred=out))),
+                               weight * caption, rtol=1e-5)
+    image_weights = [w.path for w in model.image_encoder_model.trainable_weights]
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    before = {w.path: _np(w).copy() for w in model.trainable_weights}
+    model.fit(batch, epochs=1, batch_size=B, verbose=0)
+    moved = {w.path for w in model.trainable_weights
+             if np.abs(_np(w) - before[w.path]).max() > 0}
+    assert moved and not moved & set(image_weights)
+
+
 def test_mammut_focal_loss_is_ro_vits():
     model = _model("mammut", contrastive="focal", focal_gamma=2.0)
     batch = _batch()

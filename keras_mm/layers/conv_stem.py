@@ -1,0 +1,87 @@
+"""Convolutional stem for ViTs (Xiao et al. 2021, "Early Convolutions Help Transformers See
+Better"): the patchify layer (one ``p x p`` convolution of stride ``p``) replaced by a stack of
+3x3 stride-2 convolutions, each followed by a LayerNorm over channels and a ReLU, then a 1x1
+convolution to the transformer width::
+
+    x -> [conv3x3 /2 -> LN -> ReLU] x log2(p) -> conv1x1 -> [batch, (H/p) * (W/p), width]
+
+Channels double at every stage and end at ``width / 2`` before the 1x1 convolution (for
+``width`` 192 and ``p`` 8: 24, 48, 96 -> 192; Xiao et al. use BatchNorm, we use LayerNorm so the
+stem has no batch statistics, same under tf.distribute and at inference). The tokens keep the
+patch grid's row-major order, so position embeddings and everything after the stem are those of
+the patchify ViT. Each token's receptive field grows to ``2p - 1`` pixels (15 px at p = 8):
+neighbouring tokens overlap, so an object smaller than a patch that straddles a patch border is
+still seen whole by one token. On small objects (the 12-16 px digits of digit-scenes at patch 8)
+this is what the tiny captioners need; it costs about 1/10 of a tiny ViT's forward FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_mm")
+class ConvStem(keras.layers.Layer):
+    """``[batch, H, W, C]`` -> ``[batch, (H // p) * (W // p), width]``.
+
+    Args:
+        patch_size: ``p``, a power of two >= 2 (the total stride).
+        width: output width (the transformer's).
+        kernel_initializer: of the convolutions (He normal for the ReLU stages).
+    """
+
+    def __init__(self, patch_size, width, kernel_initializer="he_normal", **kwargs):
+        super().__init__(**kwargs)
+        p = int(patch_size)
+        if p < 2 or p & (p - 1):
+            raise ValueError(f"a conv stem needs a power-of-two patch size >= 2, got {patch_size}")
+        self.patch_size = p
+        self.width = int(width)
+        self.stages = int(math.log2(p))
+        self.channels = [max(8, self.width // 2 ** (self.stages - i)) for i in range(self.stages)]
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.norms = [keras.layers.LayerNormalization(epsilon=1e-6, dtype=self.dtype_policy,
+                                                      name=f"norm_{i}")
+                      for i in range(self.stages)]
+
+    def build(self, input_shape):
+        cin = int(input_shape[-1])
+        self.kernels, self.biases = [], []
+        for i, cout in enumerate(self.channels):
+            self.kernels.append(self.add_weight(name=f"conv_{i}_kernel", shape=(3, 3, cin, cout),
+                                                initializer=self.kernel_initializer))
+            self.biases.append(self.add_weight(name=f"conv_{i}_bias", shape=(cout,),
+                                               initializer="zeros"))
+            self.norms[i].build((None, None, None, cout))
+            cin = cout
+        self.out_kernel = self.add_weight(name="out_kernel", shape=(cin, self.width),
+                                          initializer="lecun_normal")
+        self.out_bias = self.add_weight(name="out_bias", shape=(self.width,), initializer="zeros")
+
+    def grid_size(self, image_shape):
+        return image_shape[1] // self.patch_size, image_shape[2] // self.patch_size
+
+    def call(self, images):
+        p = self.patch_size
+        gh, gw = images.shape[1] // p, images.shape[2] // p
+        x = images[:, :gh * p, :gw * p, :]
+        for kernel, bias, norm in zip(self.kernels, self.biases, self.norms):
+            # "same" padding at stride 2 on an even side: output side = input side / 2 exactly
+            x = ops.conv(x, ops.cast(kernel, x.dtype), strides=2, padding="same",
+                         data_format="channels_last") + ops.cast(bias, x.dtype)
+            x = ops.relu(norm(x))
+        x = ops.matmul(x, ops.cast(self.out_kernel, x.dtype)) + ops.cast(self.out_bias, x.dtype)
+        return ops.reshape(x, (-1, gh * gw, self.width))
+
+    def compute_output_shape(self, input_shape):
+        gh, gw = self.grid_size(input_shape)
+        return (input_shape[0], gh * gw, self.width)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(patch_size=self.patch_size, width=self.width,
+                      kernel_initializer=keras.initializers.serialize(self.kernel_initializer))
+        return config
