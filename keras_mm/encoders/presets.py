@@ -30,6 +30,24 @@ Families:
   ``out_dim=(None, width)`` and keras-hub) or CLIP (class token and EOS pooling, bias-free linear
   projections on both towers).
 
+* ``"tubevit"`` - video towers (``TubeViTEncoder`` kwargs; Piergiovanni et al. 2023). ``b16``
+  and ``l16`` are the ViT-B / ViT-L sizes on 32 frames of 224 x 224 with the paper's four tubes
+  (Sec. 4.1, ``keras_mm.layers.tube_embedding.PAPER_TUBES``; 539 tokens). ``tiny`` is ours: the
+  tiny ViT on 16 frames of 64 x 64, with the paper's tubes scaled down (kernels, strides and
+  offsets halved, but the 4 x 4 spatial kernel kept and the first tube 4 x 8 x 8, so that
+  tubes 1 and 4 cover the tiny ViT's 8 px patches; 176 tokens):
+
+  ==== ============ ============ =========== ========== ========== =========
+  tube b16 kernel   b16 stride   b16 offset  tiny kern. tiny strd. tiny off.
+  ==== ============ ============ =========== ========== ========== =========
+  1    8 x 8 x 8    16 x 32 x 32 0           4 x 8 x 8  8 x 16 x16 0
+  2    16 x 4 x 4   6 x 32 x 32  (4, 8, 8)   8 x 4 x 4  3 x 16 x16 (2, 4, 4)
+  3    4 x 12 x 12  16 x 32 x 32 (0, 16, 16) 2 x 6 x 6  8 x 16 x16 (0, 8, 8)
+  4    1 x 16 x 16  32 x 16 x 16 0           1 x 8 x 8  16 x 8 x 8 0
+  ==== ============ ============ =========== ========== ========== =========
+
+  The MaMMUT video variant is the override ``image_position_embedding=True``.
+
 Every getter returns a fresh dict; keyword overrides replace preset values, so
 ``vit_config("b16", pool="map", remat=True)`` is the ViT-B/16 with a MAP head and
 gradient checkpointing.
@@ -53,6 +71,23 @@ VIT = {
     "s16": dict(image_size=224, patch_size=16, width=384, depth=12, heads=6, mlp_dim=1536),
     "b16": dict(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072),
     "l16": dict(image_size=224, patch_size=16, width=1024, depth=24, heads=16, mlp_dim=4096),
+}
+
+_PAPER_TUBES = [[[8, 8, 8], [16, 32, 32], [0, 0, 0]],
+                [[16, 4, 4], [6, 32, 32], [4, 8, 8]],
+                [[4, 12, 12], [16, 32, 32], [0, 16, 16]],
+                [[1, 16, 16], [32, 16, 16], [0, 0, 0]]]
+_TINY_TUBES = [[[4, 8, 8], [8, 16, 16], [0, 0, 0]],
+               [[8, 4, 4], [3, 16, 16], [2, 4, 4]],
+               [[2, 6, 6], [8, 16, 16], [0, 8, 8]],
+               [[1, 8, 8], [16, 8, 8], [0, 0, 0]]]
+TUBEVIT = {
+    "tiny": dict(video_size=[16, 64, 64], tubes=_TINY_TUBES, width=192, depth=4, heads=3,
+                 mlp_dim=768),
+    "b16": dict(video_size=[32, 224, 224], tubes=_PAPER_TUBES, width=768, depth=12, heads=12,
+                mlp_dim=3072),
+    "l16": dict(video_size=[32, 224, 224], tubes=_PAPER_TUBES, width=1024, depth=24, heads=16,
+                mlp_dim=4096),
 }
 
 TEXT = {
@@ -130,13 +165,14 @@ CAPTIONER = {
     },
 }
 
-FAMILIES = {"vit": VIT, "text": TEXT, "two_tower": TWO_TOWER, "limoe": LIMOE,
+FAMILIES = {"vit": VIT, "tubevit": TUBEVIT, "text": TEXT, "two_tower": TWO_TOWER,
+            "limoe": LIMOE,
             **{f"captioner_{kind}": table for kind, table in CAPTIONER.items()}}
 STYLES = ("siglip", "clip")
 
 
 def names(family):
-    """The preset names of a family (``"vit"``, ``"text"``, ``"two_tower"``)."""
+    """The preset names of a family (``"vit"``, ``"tubevit"``, ``"text"``, ``"two_tower"``...)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown preset family {family!r}; valid: {sorted(FAMILIES)}")
     return sorted(FAMILIES[family])
@@ -153,6 +189,12 @@ def _lookup(family, name):
 def vit_config(name, **overrides):
     """``ViTEncoder`` kwargs of an image preset, with overrides."""
     return {**_lookup("vit", name), **overrides}
+
+
+def tubevit_config(name, **overrides):
+    """``TubeViTEncoder`` kwargs of a video preset, with overrides (e.g.
+    ``tubevit_config("b16", image_position_embedding=True)`` for MaMMUT's video encoder)."""
+    return {**_lookup("tubevit", name), **overrides}
 
 
 VIT22B_STYLE = dict(block="parallel", qk_norm=True, qkv_bias=False)

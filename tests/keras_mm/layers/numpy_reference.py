@@ -183,3 +183,35 @@ def pi_resize_kernel_tf(kernel, new):
     resize = np.linalg.pinv(bilinear_matrix_tf(p, new).T)              # [new*new, p*p]
     return (resize @ np.asarray(kernel, np.float64).reshape(p * p, c * d)).reshape(new, new, c, d)
 
+
+
+def tube_conv(video, kernel, bias, stride, offset):
+    """TubeViT's tube: the strided valid 3-D convolution of ``video [b, T, H, W, C]`` from
+    ``offset`` with ``kernel [t, h, w, C, D]`` (+ bias), one explicit loop over the output
+    positions in (t, y, x) row-major order -> ``[b, n_tokens, D]``."""
+    kt, kh, kw, _, d = kernel.shape
+    _, frames, height, width, _ = video.shape
+    tokens = []
+    for t0 in range(offset[0], frames - kt + 1, stride[0]):
+        for y0 in range(offset[1], height - kh + 1, stride[1]):
+            for x0 in range(offset[2], width - kw + 1, stride[2]):
+                block = video[:, t0:t0 + kt, y0:y0 + kh, x0:x0 + kw]       # [b, t, h, w, C]
+                tokens.append(np.einsum("bthwc,thwcd->bd", block, kernel) + bias)
+    if not tokens:
+        return np.zeros((video.shape[0], 0, d))
+    return np.stack(tokens, axis=1)
+
+
+def sincos3d(centres, dim, temperature=10_000.0):
+    """TubeViT's fixed position embedding (Eqs. 3-7) element by element, blocks of ``dim // 6``
+    channels ``[sin t, cos t, sin y, cos y, sin x, cos x]`` (frequency ``temperature ** (-j /
+    (k - 1))``), the ``dim % 6`` last channels zero."""
+    k = dim // 6
+    table = np.zeros((len(centres), dim))
+    for n, coords in enumerate(centres):
+        for axis, value in enumerate(coords):                  # t, y, x
+            for j in range(k):
+                angle = value / temperature ** (j / max(k - 1, 1))
+                table[n, 2 * axis * k + j] = math.sin(angle)
+                table[n, (2 * axis + 1) * k + j] = math.cos(angle)
+    return table
