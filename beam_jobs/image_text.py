@@ -24,7 +24,7 @@ its reason, never a failed job; BuildDataset then validates, de-duplicates and w
         --out /tmp/image_text
     kmm data image-text --source tsv --input gs://b/cc3m.tsv --out gs://b/cc3m \\
         --runner=DataflowRunner --project=... --region=... --temp_location=gs://b/tmp
-    kmm data image-text --source digit-scenes --out /tmp/digit_scenes --num_train 6000
+    kmm data image-text --source digit-scenes --out /tmp/digit_scenes --num_train 60000
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def build_parser():
                         metavar="PATH=VALUE", help="override a recipe field (repeatable)")
     parser.add_argument("--scenes", default=None, metavar="TRAIN,VALIDATION,TEST",
                         help="captioners: digit scenes per split (default: the job's "
-                             "6000,500,500)")
+                             "60000,500,500)")
     parser.add_argument("--vocab_size", type=int, default=None,
                         help="tokenizer vocabulary (default: 400 for the digits, the "
                              "digit-scenes job's default for the scenes)")

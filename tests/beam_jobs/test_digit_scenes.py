@@ -371,7 +371,7 @@ def test_job_folder_reads_with_eval_dataset_and_tokenizer(scenes_job):
 
 
 def test_default_tokenizer_makes_every_word_one_piece():
-    """On a default-sized corpus (6000 training scenes) every grammar word is a single piece."""
+    """On a corpus of 6000 training scenes every grammar word is a single piece."""
     import sentencepiece as spm
 
     from keras_mm.pipelines.tokenizer import train_sentencepiece
