@@ -1,16 +1,22 @@
 """Captioner recipes on the digit scenes (``kmm data image-text --source digit-scenes``): CoCa,
-CapPa, MaMMUT and the PaLI-style model, tiny presets (64 px ViT, 4-block decoders).
+CapPa, MaMMUT and the PaLI-style model, tiny presets (64 px ViT with a convolutional stem,
+4-block decoders).
 
 Images are never flipped or cropped (captions say left / right and small / large). Captions are
 tokenized with BOS (``add_bos``): decoders start from it. Training uses each scene's canonical
 (first, most informative) caption (``train_caption="first"``); the other references only score
-the generated captions. Measured on the tiny presets (2500 steps, batch 64): with one of the four
-captions drawn at random, CoCa reached CIDEr 1.08 / image->text R@1 0.10 after 3000 steps; with
-the canonical one, CIDEr 1.59 / R@1 0.19 after 2500 (the count captions, "two small digits",
-are shared by many scenes and blur the contrastive targets). Evaluation generates greedy captions
-of the test scenes and scores them against all their reference captions (CIDEr, BLEU-4, METEOR,
-ROUGE-L); CoCa and MaMMUT add image-text retrieval, the PaLI-style model VQA accuracy. Add
-``--set model.captioner.blind=true`` for the blind baseline (the same decoder without the image).
+the generated captions. Evaluation generates greedy captions of the test scenes and scores them
+against all their reference captions (CIDEr, BLEU-4, METEOR, ROUGE-L); CoCa and MaMMUT add
+image-text retrieval, the PaLI-style model VQA accuracy. Add ``--set model.captioner.blind=true``
+(and ``model.captioner.contrastive_weight=0`` for CoCa / MaMMUT) for the blind baseline: the same
+decoder trained on the captions without the image.
+
+Measured (tiny, 2500 steps of 64, test split; see the README): the image encoder is the bottleneck.
+Small digits are 12-16 px, 2x2 patches of the patch-8 ViT; with the patchify stem CapPa reached
+CIDEr 1.22 (60 000 training scenes), with the convolutional stem (``model.stem="conv"``, Xiao et
+al. 2021: 3x3 stride-2 convolutions whose tokens overlap their neighbours) 1.97, against 0.33 for
+the blind decoder. With 6000 training scenes the models memorised them (CoCa: training pair
+accuracy 0.69, test image->text R@1 0.19), hence the job's default of 60 000.
 """
 
 from keras_mm.pipelines.datasets import InputConfig
@@ -28,7 +34,7 @@ def _scenes(kind, *, tasks, loss="softmax", input_overrides=None, captioner=None
             image_size=64, augment="none", eval_mode="resize", batch_size=64,
             shuffle_buffer=4096, add_bos=True, max_text_len=24, train_caption="first",
             **(input_overrides or {}))),
-        model=ModelConfig(kind=kind, preset="tiny", loss=loss,
+        model=ModelConfig(kind=kind, preset="tiny", loss=loss, stem="conv",
                           captioner=captioner or CaptionerConfig()),
         optimizer=OptimizerConfig(lr=lr, end_lr=lr / 100, weight_decay=1e-4, warmup_steps=200,
                                   clip=1.0),

@@ -31,6 +31,8 @@ from keras_mm.pipelines.tokenizer import Tokenizer, train_sentencepiece
 
 MAX_LEN = 12                       # tokens incl. BOS / EOS: captions of at most 11 tokens
 IMAGE = dict(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64)
+# the recipes' convolutional stem on two of the four, the patchify stem on the others
+CONV_STEM = {"cappa": dict(stem="conv"), "mammut": dict(stem="conv")}
 DECODER = dict(width=32, depth=2, heads=2, mlp_dim=64)
 # kind -> (decoder overrides, model kwargs, export kwargs). CoCa keeps the preset's 2 unimodal
 # blocks and needs one multimodal block after them; CapPa exports beam search, MaMMUT a shorter
@@ -222,8 +224,8 @@ def exports(tmp_path_factory, sp_model):
         config = datasets.InputConfig(image_size=32, eval_mode="resize", add_bos=True,
                                       max_text_len=MAX_LEN, max_prompt_len=PROMPT_LEN)
         model = build_captioner(kind, "tiny", vocab_size=tokenizer.vocab_size, max_len=MAX_LEN,
-                                image_overrides=IMAGE, decoder_overrides=decoder,
-                                **model_kwargs)
+                                image_overrides=dict(IMAGE, **CONV_STEM.get(kind, {})),
+                                decoder_overrides=decoder, **model_kwargs)
         model.compile(optimizer=keras.optimizers.Adam(3e-3), jit_compile=False)
         x = _train_examples(kind, tokenizer, config)
         model.fit(tf.data.Dataset.from_tensors(x).repeat(), steps_per_epoch=TRAIN_STEPS, epochs=1,
