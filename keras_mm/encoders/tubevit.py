@@ -23,11 +23,9 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_mm.encoders.projection_head import ProjectionHead
+from keras_mm.encoders.vit import build_trunk
 from keras_mm.layers import pooling
 from keras_mm.layers.learned_position_embedding import LearnedPositionEmbedding
-from keras_mm.layers.map_head import MAPHead
-from keras_mm.layers.transformer_encoder import TransformerEncoder
 from keras_mm.layers.tube_embedding import SparseTubeEmbedding, normalize_tubes
 
 POOLS = ("gap", "map")
@@ -104,23 +102,7 @@ class TubeViTEncoder(keras.Model):
                 (nh, nw), dtype=policy, name="position_embedding")
         elif image_tube is not None:
             raise ValueError("image_tube needs image_position_embedding=True")
-        self.embedding_dropout = keras.layers.Dropout(self.dropout, dtype=policy,
-                                                      name="embedding_dropout")
-        self.encoder = TransformerEncoder(
-            self.depth, self.heads, self.mlp_dim, dropout=self.dropout,
-            attention_dropout=self.attention_dropout, drop_path=self.drop_path,
-            qk_norm=self.qk_norm, use_qkv_bias=self.qkv_bias, fused_qkv=self.fused_qkv,
-            attention_impl=attention_impl, layer_norm_epsilon=self.layer_norm_epsilon,
-            remat=self.remat, block=block, dtype=policy, name="encoder")
-        self.attention_impl = self.encoder.attention_impl
-        self.map_head = (MAPHead(self.heads, self.mlp_dim, fused_qkv=self.fused_qkv,
-                                 use_qkv_bias=self.qkv_bias, attention_impl=attention_impl,
-                                 layer_norm_epsilon=self.layer_norm_epsilon, dtype=policy,
-                                 name="map_head")
-                         if pool == "map" else None)
-        self.head = (ProjectionHead(self.output_dim, hidden_dim=self.head_hidden_dim,
-                                    use_bias=self.head_bias, dtype=policy, name="head")
-                     if self.output_dim else None)
+        build_trunk(self, attention_impl, block)
 
     def _video_shape(self, shape):
         """``[batch, T, H, W, C]`` from a video or image shape, unknown sizes from video_size."""

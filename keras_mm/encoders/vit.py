@@ -153,23 +153,7 @@ class ViTEncoder(keras.Model):
         else:
             self.position_embedding = SinCos2DPositionEmbedding(self.grid_size, dtype=policy,
                                                                 name="position_embedding")
-        self.embedding_dropout = keras.layers.Dropout(self.dropout, dtype=policy,
-                                                      name="embedding_dropout")
-        self.encoder = TransformerEncoder(
-            self.depth, self.heads, self.mlp_dim, dropout=self.dropout,
-            attention_dropout=self.attention_dropout, drop_path=self.drop_path,
-            qk_norm=self.qk_norm, use_qkv_bias=self.qkv_bias, fused_qkv=self.fused_qkv,
-            attention_impl=attention_impl, layer_norm_epsilon=self.layer_norm_epsilon,
-            remat=self.remat, block=block, dtype=policy, name="encoder")
-        self.attention_impl = self.encoder.attention_impl
-        self.map_head = (MAPHead(self.heads, self.mlp_dim, fused_qkv=self.fused_qkv,
-                                 use_qkv_bias=self.qkv_bias, attention_impl=attention_impl,
-                                 layer_norm_epsilon=self.layer_norm_epsilon, dtype=policy,
-                                 name="map_head")
-                         if pool == "map" else None)
-        self.head = (ProjectionHead(self.output_dim, hidden_dim=self.head_hidden_dim,
-                                    use_bias=self.head_bias, dtype=policy, name="head")
-                     if self.output_dim else None)
+        build_trunk(self, attention_impl, block)
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -266,6 +250,32 @@ class ViTEncoder(keras.Model):
         if self.stem != "patch":
             config["stem"] = self.stem
         return config
+
+
+def build_trunk(model, attention_impl, block):
+    """The layers after the token embedding that ``ViTEncoder`` and ``TubeViTEncoder`` share,
+    set on ``model`` from its own attributes (width, depth, heads, mlp_dim, dropout rates,
+    attention options, pool, output_dim, head options): ``embedding_dropout``, the transformer
+    ``encoder``, ``attention_impl``, the MAP head (``pool == "map"``) and the projection head
+    (``output_dim``)."""
+    policy = model.dtype_policy
+    model.embedding_dropout = keras.layers.Dropout(model.dropout, dtype=policy,
+                                                   name="embedding_dropout")
+    model.encoder = TransformerEncoder(
+        model.depth, model.heads, model.mlp_dim, dropout=model.dropout,
+        attention_dropout=model.attention_dropout, drop_path=model.drop_path,
+        qk_norm=model.qk_norm, use_qkv_bias=model.qkv_bias, fused_qkv=model.fused_qkv,
+        attention_impl=attention_impl, layer_norm_epsilon=model.layer_norm_epsilon,
+        remat=model.remat, block=block, dtype=policy, name="encoder")
+    model.attention_impl = model.encoder.attention_impl
+    model.map_head = (MAPHead(model.heads, model.mlp_dim, fused_qkv=model.fused_qkv,
+                              use_qkv_bias=model.qkv_bias, attention_impl=attention_impl,
+                              layer_norm_epsilon=model.layer_norm_epsilon, dtype=policy,
+                              name="map_head")
+                      if model.pool == "map" else None)
+    model.head = (ProjectionHead(model.output_dim, hidden_dim=model.head_hidden_dim,
+                                 use_bias=model.head_bias, dtype=policy, name="head")
+                  if model.output_dim else None)
 
 
 def _pair(patch_size):
