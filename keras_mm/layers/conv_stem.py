@@ -23,6 +23,21 @@ import keras
 from keras import ops
 
 
+def _conv3x3_stride2(x, kernel, bias):
+    """3x3 convolution of stride 2 with "same" padding (0 before, 1 after: TensorFlow's and
+    XLA's SAME on an even side) of ``x [b, h, w, c]`` (h, w even) -> ``[b, h/2, w/2, c_out]``.
+
+    Written as nine strided slices and one matmul rather than ``ops.conv``: TensorFlow's CPU
+    convolution returns its input unchanged for an empty batch, which broke exported models
+    called with zero images."""
+    h, w = x.shape[1], x.shape[2]
+    xp = ops.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    taps = [xp[:, di:di + h:2, dj:dj + w:2, :] for di in range(3) for dj in range(3)]
+    cols = ops.concatenate(taps, axis=-1)                              # [b, h/2, w/2, 9 c]
+    flat = ops.reshape(ops.cast(kernel, x.dtype), (-1, kernel.shape[-1]))  # (di, dj, c) order
+    return ops.matmul(cols, flat) + ops.cast(bias, x.dtype)
+
+
 @keras.saving.register_keras_serializable(package="keras_mm")
 class ConvStem(keras.layers.Layer):
     """``[batch, H, W, C]`` -> ``[batch, (H // p) * (W // p), width]``.
@@ -69,10 +84,7 @@ class ConvStem(keras.layers.Layer):
         gh, gw = images.shape[1] // p, images.shape[2] // p
         x = images[:, :gh * p, :gw * p, :]
         for kernel, bias, norm in zip(self.kernels, self.biases, self.norms):
-            # "same" padding at stride 2 on an even side: output side = input side / 2 exactly
-            x = ops.conv(x, ops.cast(kernel, x.dtype), strides=2, padding="same",
-                         data_format="channels_last") + ops.cast(bias, x.dtype)
-            x = ops.relu(norm(x))
+            x = ops.relu(norm(_conv3x3_stride2(x, kernel, bias)))
         x = ops.matmul(x, ops.cast(self.out_kernel, x.dtype)) + ops.cast(self.out_bias, x.dtype)
         return ops.reshape(x, (-1, gh * gw, self.width))
 

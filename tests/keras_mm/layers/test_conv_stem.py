@@ -95,3 +95,8 @@ def test_vit_with_conv_stem_trains_and_round_trips():
     model.fit(images, np.ones((2, 1), "float32"), epochs=1, verbose=0)
     after = [np.asarray(w) for w in enc.patch_embedding.weights]
     assert all(np.abs(a - b).max() > 0 for a, b in zip(after, before))
+
+
+def test_empty_batch():
+    layer = ConvStem(4, 12)
+    assert tuple(layer(np.zeros((0, 16, 16, 3), "float32")).shape) == (0, 16, 12)
