@@ -61,6 +61,15 @@ def num_shards_for(count: int, records_per_shard: int) -> int:
     return max(1, math.ceil(count / max(1, records_per_shard)))
 
 
+def train_texts(record: Mapping) -> Iterable[str]:
+    """The texts of a record a tokenizer learns: its captions, and for video clips also the
+    non-empty MV-GPT transcripts."""
+    yield from record[features.TEXTS]
+    for key in (features.TRANSCRIPT_CURRENT, features.TRANSCRIPT_FUTURE):
+        if record.get(key):
+            yield record[key]
+
+
 class _MergeDuplicates(beam.DoFn):
     """(content_hash, [KeyedRecord]) -> the kept record; tagged 'duplicates' for the others."""
 
@@ -186,14 +195,16 @@ class BuildDataset(beam.PTransform):
 
     Args:
       out_dir: dataset folder (local or gs://).
-      kind: ``features.IMAGE_TEXT`` or ``features.LABEL_AS_TEXT``.
+      kind: ``features.IMAGE_TEXT``, ``features.LABEL_AS_TEXT`` or ``features.VIDEO_TUBES``
+        (video candidates carry JPEG frames; ``image_options`` then only gives max_captions).
       class_names: label-as-text class names (index = label).
       split_fractions: (train, validation, test) fractions, summing to 1.
       records_per_shard: target records per TFRecord shard.
       image_options: validation / canonicalisation (records.ImageOptions).
       extra_files: {file name: text} written into the folder (class names, templates).
       train_captions: optional callable ``PCollection[str] -> PTransform result``, applied to the
-        captions of the train split (the tokenizer step).
+        captions of the train split (the tokenizer step); for video clips also to their
+        transcripts (:func:`train_texts`).
     """
 
     def __init__(self, out_dir: str, kind: str, *, class_names: Optional[Sequence[str]] = None,
@@ -251,7 +262,7 @@ class BuildDataset(beam.PTransform):
         if self._train_captions is not None:
             _ = (split_records
                  | "TrainSplitOnly" >> beam.Filter(lambda kv: kv[0] == "train")
-                 | "TrainCaptions" >> beam.FlatMap(lambda kv: kv[1].record[features.TEXTS])
+                 | "TrainCaptions" >> beam.FlatMap(lambda kv: train_texts(kv[1].record))
                  | "Tokenizer" >> self._train_captions)
 
         dead = ((source_dead, validated[rec.DEAD_LETTERS]) | "AllDeadLetters" >> beam.Flatten())

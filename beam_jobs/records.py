@@ -43,10 +43,14 @@ DOWNLOAD_TIMEOUT = "download_timeout"
 DOWNLOAD_HTTP_ERROR = "download_http_error"
 DOWNLOAD_TOO_LARGE = "download_too_large"
 DOWNLOAD_ERROR = "download_error"
+CORRUPT_VIDEO = "corrupt_video"          # not a decodable video (or a frame that is no JPEG)
+VIDEO_TOO_SHORT = "video_too_short"      # shorter than one clip / a segment past its end
+NO_FRAMES = "no_frames"                  # a video stream without decodable frames
 REASONS = (
     MISSING_FILE, READ_ERROR, CORRUPT_IMAGE, TRUNCATED_IMAGE, IMAGE_TOO_SMALL, IMAGE_TOO_LARGE,
     BAD_ASPECT_RATIO, EMPTY_CAPTION, BAD_LABEL, BAD_SOURCE_LINE, DOWNLOAD_TIMEOUT,
-    DOWNLOAD_HTTP_ERROR, DOWNLOAD_TOO_LARGE, DOWNLOAD_ERROR,
+    DOWNLOAD_HTTP_ERROR, DOWNLOAD_TOO_LARGE, DOWNLOAD_ERROR, CORRUPT_VIDEO, VIDEO_TOO_SHORT,
+    NO_FRAMES,
 )
 
 
@@ -54,8 +58,11 @@ REASONS = (
 class Candidate:
     """One raw example from a source, before validation.
 
-    Exactly one of ``image_bytes`` (already in memory: tar member, download, generated) and
-    ``image_uri`` (a local or ``gs://`` path, read through Beam's FileSystems) is set.
+    An image candidate sets exactly one of ``image_bytes`` (already in memory: tar member,
+    download, generated) and ``image_uri`` (a local or ``gs://`` path, read through Beam's
+    FileSystems). A video clip candidate (kind video_tubes) sets neither: its sources decode
+    the video and give ``frames`` (one JPEG a frame), ``fps`` and optionally the MV-GPT
+    ``transcript_current`` / ``transcript_future`` and a ``label`` / ``label_name``.
     ``source`` says where it came from (manifest line, URL, tar member) for dead letters.
     ``split`` pins the split (a source with its own train/test split); None: assigned from id.
     ``questions`` / ``answers``: optional question-answer pairs (same length, PaLI-style QA),
@@ -72,6 +79,10 @@ class Candidate:
     split: Optional[str] = None
     questions: Tuple[str, ...] = ()
     answers: Tuple[str, ...] = ()
+    frames: Tuple[bytes, ...] = ()
+    fps: float = 0.0
+    transcript_current: str = ""
+    transcript_future: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,8 +239,8 @@ class ToRecord(beam.DoFn):
     """Candidate -> KeyedRecord (main output) or DeadLetter (tagged ``dead_letters``)."""
 
     def __init__(self, kind: str, options: ImageOptions = ImageOptions()):
-        if kind not in (features.IMAGE_TEXT, features.LABEL_AS_TEXT):
-            raise ValueError(f"ToRecord makes image records, not {kind!r}")
+        if kind not in features.KINDS:
+            raise ValueError(f"unknown record kind {kind!r}; expected one of {features.KINDS}")
         self._kind = kind
         self._options = options
         self._ok = Metrics.counter(METRICS_NAMESPACE, "validated")
@@ -258,6 +269,9 @@ class ToRecord(beam.DoFn):
         if self._kind == features.LABEL_AS_TEXT and (
                 candidate.label is None or int(candidate.label) < 0):
             yield dead_letter(candidate.id, src, BAD_LABEL, f"label {candidate.label!r}")
+            return
+        if self._kind == features.VIDEO_TUBES:
+            yield from self._video_record(candidate, src, captions)
             return
         if len(candidate.questions) != len(candidate.answers):
             yield dead_letter(candidate.id, src, BAD_SOURCE_LINE,
@@ -290,3 +304,45 @@ class ToRecord(beam.DoFn):
         self._ok.inc()
         self._bytes.update(len(encoded))
         yield KeyedRecord(candidate.id, content_hash, record, candidate.split)
+
+    def _video_record(self, candidate: Candidate, src: str, captions: Tuple[str, ...]):
+        """A video clip candidate (frames already decoded and JPEG-encoded by its source) ->
+        KeyedRecord; every frame must be an RGB JPEG of one common size."""
+        from PIL import Image, UnidentifiedImageError
+
+        if not candidate.frames:
+            yield dead_letter(candidate.id, src, NO_FRAMES, "clip has no frames")
+            return
+        if not candidate.fps > 0:
+            yield dead_letter(candidate.id, src, CORRUPT_VIDEO, f"fps {candidate.fps!r} <= 0")
+            return
+        sizes = set()
+        for k, frame in enumerate(candidate.frames):
+            try:
+                with Image.open(io.BytesIO(frame)) as image:
+                    if image.format != "JPEG" or image.mode != "RGB":
+                        raise ValueError(f"a {image.format} {image.mode} image")
+                    sizes.add(image.size)
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                yield dead_letter(candidate.id, src, CORRUPT_VIDEO,
+                                  f"frame {k} is not an RGB JPEG: {e}")
+                return
+        if len(sizes) != 1:
+            yield dead_letter(candidate.id, src, CORRUPT_VIDEO, f"frame sizes differ: {sizes}")
+            return
+        record = {
+            features.VIDEO_FRAMES: list(candidate.frames),
+            features.VIDEO_FPS: float(candidate.fps),
+            features.TEXTS: list(captions),
+            features.ID: candidate.id,
+            features.TRANSCRIPT_CURRENT: normalize_text_py(candidate.transcript_current or ""),
+            features.TRANSCRIPT_FUTURE: normalize_text_py(candidate.transcript_future or ""),
+            features.LABEL: features.NO_LABEL if candidate.label is None else int(candidate.label),
+            features.LABEL_NAME: candidate.label_name or "",
+        }
+        digest = hashlib.sha256(f"{candidate.fps:.6f}".encode())
+        for frame in candidate.frames:
+            digest.update(hashlib.sha256(frame).digest())
+        self._ok.inc()
+        self._bytes.update(sum(len(f) for f in candidate.frames))
+        yield KeyedRecord(candidate.id, digest.hexdigest(), record, candidate.split)

@@ -29,6 +29,9 @@ DATA_JOBS: Dict[str, tuple] = {
                    "or built in: digit-scenes (captions + QA) and sample-photos"),
     "label-as-text": ("keras_mm.beam_jobs.label_as_text",
                       "image-text TFRecords from a classification dataset (default: digits)"),
+    "video": ("keras_mm.beam_jobs.video_tubes",
+              "video_tubes TFRecords (T-frame JPEG clips, captions, MV-GPT transcripts) from a "
+              "video manifest (PyAV), or built in: moving-digits and sample-gif"),
     "tokenizer": ("keras_mm.beam_jobs.tokenizer",
                   "train a SentencePiece tokenizer on a dataset's training captions"),
 }
@@ -43,6 +46,8 @@ BENCHES: Dict[str, tuple] = {
                  "FlexiViT vs fixed-patch ViTs on the digits: accuracy and speed per patch"),
     "decode": ("keras_mm.bench.decode",
                "cached (KV) vs full re-decoding greedy tokens/s, and that the tokens match"),
+    "video": ("keras_mm.bench.video",
+              "video input pipeline clips/s and TubeViT / frame-average train step clips/s"),
 }
 # command -> (module:function taking argv and returning a summary dict, help)
 COMMANDS: Dict[str, tuple] = {

@@ -25,6 +25,19 @@ scenes:
 5. a fresh tensorflow + tensorflow_text process captions the test scenes and the bundled real
    photos with the export; the captions must equal the Keras model's.
 
+Video (``--model video``, recipes ``tubevit_moving_digits`` and the baseline
+``frame_average_moving_digits``), on moving digits:
+
+1. moving-digits Beam job: clips of 1-2 real digits moving in one of four directions, captions
+   naming digits and motion, transcripts, split by source digit, and a SentencePiece tokenizer,
+2. training of the frame-averaging baseline (the image ViT on every frame, averaged: it sees
+   every frame but not their order), then of the TubeViT video-text two-tower model,
+3. text -> video retrieval on a 256-clip test gallery and the motion probe (a linear classifier
+   of the motion direction on frozen clip embeddings), for both,
+4. export with the ``embed_video`` / ``embed_text`` signatures,
+5. a fresh tensorflow + tensorflow_text process embeds the test clips (JPEG frames) and their
+   captions with the export; its text -> video R@1 and embeddings must match the Keras model's.
+
 Writes ``<out>/summary.json`` (DESIGN.md contract) and prints a summary table.
 """
 
@@ -82,9 +95,37 @@ for start in range(0, len(paths), 64):
 print(json.dumps({"captions": out, "keras_mm_imported": "keras_mm" in sys.modules}))
 """
 
+# Runs in a fresh process: embeds clips and captions with the export's video signatures.
+EMBED_VIDEO_EXPORT = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+import tensorflow_text  # noqa: F401  registers the SentencePiece ops
+export_dir, dataset_dir, count, out_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+loaded = tf.saved_model.load(export_dir)
+embed_video, embed_text = loaded.signatures["embed_video"], loaded.signatures["embed_text"]
+files = sorted(tf.io.gfile.glob(dataset_dir + "/test.tfrecord-*"))
+spec = {"video/frames": tf.io.RaggedFeature(tf.string), "texts": tf.io.RaggedFeature(tf.string),
+        "id": tf.io.FixedLenFeature([], tf.string)}
+records = [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset(files)]
+records = sorted(records, key=lambda r: r["id"].numpy())[:count]
+videos, texts, ids = [], [], []
+for start in range(0, len(records), 32):
+    chunk = records[start:start + 32]
+    frames = tf.stack([r["video/frames"] for r in chunk])            # [n, T] JPEG bytes
+    videos.append(embed_video(frames=frames)["embedding"].numpy())
+    captions = tf.constant([r["texts"][0].numpy() for r in chunk])
+    texts.append(embed_text(text=captions)["embedding"].numpy())
+    ids += [r["id"].numpy().decode() for r in chunk]
+np.savez(out_path, video=np.concatenate(videos), text=np.concatenate(texts), ids=np.array(ids))
+print(json.dumps({"clips": len(ids), "keras_mm_imported": "keras_mm" in sys.modules}))
+"""
+
 DEMO_RECIPES = {"two_tower": "siglip_digits", "limoe": "limoe_digits",
                 "clippo": "clippo_digits", "coca": "coca_scenes", "cappa": "cappa_scenes",
-                "mammut": "mammut_scenes", "pali": "pali_scenes"}
+                "mammut": "mammut_scenes", "pali": "pali_scenes",
+                "video": "tubevit_moving_digits"}
+VIDEO_BASELINE_RECIPE = "frame_average_moving_digits"
 CAPTIONERS = ("coca", "cappa", "mammut", "pali")
 NUM_EXPORT_CHECK_SCENES = 64
 
@@ -102,10 +143,25 @@ def build_parser():
     parser.add_argument("--scenes", default=None, metavar="TRAIN,VALIDATION,TEST",
                         help="captioners: digit scenes per split (default: the job's "
                              "60000,500,500)")
+    parser.add_argument("--clips", default=None, metavar="TRAIN,VALIDATION,TEST",
+                        help="video: moving-digits clips per split (default: the job's)")
     parser.add_argument("--vocab_size", type=int, default=None,
                         help="tokenizer vocabulary (default: 400 for the digits, the "
                              "digit-scenes job's default for the scenes)")
     return parser
+
+
+def _count_flags(name: str, value: Optional[str]) -> list:
+    """``--scenes`` / ``--clips`` TRAIN,VALIDATION,TEST -> the data job's ``--num_<split>``."""
+    if not value:
+        return []
+    counts = value.split(",")
+    if len(counts) != 3 or not all(c.strip().isdigit() for c in counts):
+        raise FlagError(f"{name} takes three counts TRAIN,VALIDATION,TEST, got {value!r}")
+    flags = []
+    for split, count in zip(("train", "validation", "test"), counts):
+        flags += [f"--num_{split}", count.strip()]
+    return flags
 
 
 def _stage(number: int, text: str) -> None:
@@ -123,6 +179,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     args.recipe = args.recipe or DEMO_RECIPES[args.model]
     if args.model in CAPTIONERS:
         return run_captioner(args)
+    if args.model == "video":
+        return run_video(args)
     start = time.time()
     out = os.path.abspath(args.out)
     data_dir = os.path.join(out, "digits")
@@ -237,13 +295,7 @@ def run_captioner(args) -> Dict:
         data = {"written": "reused"}
     else:
         flags = ["--source", "digit-scenes", "--out", data_dir]
-        if args.scenes:
-            counts = args.scenes.split(",")
-            if len(counts) != 3 or not all(c.strip().isdigit() for c in counts):
-                raise FlagError(f"--scenes takes three counts TRAIN,VALIDATION,TEST, "
-                                 f"got {args.scenes!r}")
-            for split, count in zip(("train", "validation", "test"), counts):
-                flags += [f"--num_{split}", count.strip()]
+        flags += _count_flags("--scenes", args.scenes)
         if args.vocab_size:
             flags += ["--vocab_size", str(args.vocab_size)]
         data = image_text.run(flags)
@@ -303,4 +355,102 @@ def run_captioner(args) -> Dict:
         json.dump(final, f, indent=2, sort_keys=True)
     print(json.dumps({"export_captions_equal_keras": f"{same}/{len(paths)}",
                       "photo_captions": photo_captions}, indent=2))
+    return final
+
+
+def run_video(args) -> Dict:
+    """The video demo (module docstring): moving digits -> frame-average baseline and TubeViT
+    training -> retrieval and motion probe -> export -> embeddings from the export in a fresh
+    process."""
+    import numpy as np
+
+    from keras_mm.beam_jobs import video_tubes
+    from keras_mm.pipelines import datasets
+    from keras_mm.recipes import config as config_lib
+    from keras_mm.training import trainer
+    from keras_mm.training.commands import export_model
+
+    start = time.time()
+    out = os.path.abspath(args.out)
+    data_dir = os.path.join(out, "moving_digits")
+    base_dir, run_dir = os.path.join(out, "run_frame_average"), os.path.join(out, "run")
+
+    _stage(1, f"moving-digits Beam job -> {data_dir}")
+    if os.path.exists(os.path.join(data_dir, "tokenizer.model")):
+        data = {"written": "reused"}
+    else:
+        flags = ["--source", "moving-digits", "--out", data_dir]
+        flags += _count_flags("--clips", args.clips)
+        if args.vocab_size:
+            flags += ["--vocab_size", str(args.vocab_size)]
+        data = video_tubes.run(flags)
+
+    _stage(2, f"training the frame-averaging baseline ({VIDEO_BASELINE_RECIPE} -> {base_dir}), "
+              f"then {args.recipe} -> {run_dir} (both resume if interrupted)")
+    common = [f"data.folder={data_dir}"] + list(args.overrides)
+    base_cfg = config_lib.override(config_lib.get_recipe(VIDEO_BASELINE_RECIPE),
+                                   common + [f"train.out_dir={base_dir}"])
+    trainer.train(base_cfg)
+    cfg = config_lib.override(config_lib.get_recipe(args.recipe),
+                              common + [f"train.out_dir={run_dir}",
+                                        f"eval.baseline_run={base_dir}"])
+    summary, model = trainer.train(cfg)
+    metrics = summary["metrics"]
+    _stage(3, "test gallery of 256 clips and motion probe: " + ", ".join(
+        f"{k} {metrics[k]:.3f}" for k in (
+            "retrieval_t2i_r1", "frame_average_retrieval_t2i_r1", "motion_probe_top1",
+            "motion_probe_frame_average_top1") if k in metrics))
+
+    name = cfg.export.name or cfg.name
+    export_dir = os.path.join(out, "saved_models", name, "1")
+    _stage(4, f"export -> {export_dir}")
+    if os.path.exists(export_dir):
+        import shutil
+
+        shutil.rmtree(export_dir)
+    tokenizer = trainer.load_tokenizer(cfg)
+    export_model(model, tokenizer, cfg.data.input, ["{}"], export_dir)
+
+    count = int(cfg.eval.gallery_size or 256)
+    _stage(5, f"embedding {count} test clips and their captions with the export in a fresh "
+              "process (tensorflow + tensorflow_text only)")
+    npz = os.path.join(out, "export_check_embeddings.npz")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", EMBED_VIDEO_EXPORT, export_dir, data_dir,
+                             str(count), npz], capture_output=True, text=True, env=env,
+                            timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"the export failed in a fresh process: {result.stderr[-2000:]}")
+    check = json.loads(result.stdout.strip().splitlines()[-1])
+    exported = np.load(npz)
+    # The Keras model on the same clips (the eval pipeline, canonical captions).
+    video_fn, text_fn = trainer.embed_functions(model)
+    keras_video, keras_text, keras_ids = [], [], []
+    eval_cfg = cfg.data.input
+    for batch in datasets.video_eval_dataset(data_dir, "test", eval_cfg, tokenizer=tokenizer):
+        keras_video.append(video_fn(batch["video"].numpy()))
+        keras_text.append(text_fn(batch["text"].numpy()))
+        keras_ids += [i.decode() for i in batch["id"].numpy()]
+    order = np.argsort(keras_ids)[:count]
+    keras_video = np.concatenate(keras_video)[order]
+    keras_text = np.concatenate(keras_text)[order]
+    same_ids = [keras_ids[i] for i in order] == [str(i) for i in exported["ids"]]
+
+    def t2v_r1(video, text):
+        return float(np.mean(np.argmax(text @ video.T, axis=1) == np.arange(len(text))))
+
+    final = trainer.write_summary(cfg, train_seconds=summary["train_seconds"], metrics={},
+                                  export_dir=export_dir)
+    final["export_check"] = {
+        "clips": check["clips"], "same_clips": bool(same_ids),
+        "keras_mm_imported": check["keras_mm_imported"],
+        "max_abs_diff_video": float(np.max(np.abs(exported["video"] - keras_video))),
+        "max_abs_diff_text": float(np.max(np.abs(exported["text"] - keras_text))),
+        "canonical_t2v_r1_export": t2v_r1(exported["video"], exported["text"]),
+        "canonical_t2v_r1_keras": t2v_r1(keras_video, keras_text)}
+    final["baseline_run"] = base_dir
+    final["demo_seconds"] = round(time.time() - start, 1)
+    final["records_written"] = data.get("written")
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(final, f, indent=2, sort_keys=True)
     return final

@@ -33,6 +33,25 @@ texts        int32 ``[B, K, M]``             eval with ``eval_texts="all"``: cod
 The renderer is then the "tokenizer" of the datasets and of the evaluators (its ``tokenize``
 gives code points; see :func:`text_renderer`).
 
+Video folders (``video_tubes`` records; :class:`VideoInputConfig`, :func:`video_train_dataset`,
+:func:`video_eval_dataset`, :func:`video_caption_eval_dataset`):
+
+==========  ==============================  ==================================================
+key         dtype / shape                   what
+==========  ==============================  ==================================================
+video       float32 ``[B, T, S, S, 3]``     T = ``num_frames`` sampled frames, one crop (and
+                                            flip) per clip, ``value_range`` like ``image``
+text        int32 ``[B, L]``                one caption (train: ``train_caption``; eval: first)
+texts       int32 ``[B, K, L]``             eval with ``eval_texts="all"`` (as for images)
+num_texts   int32 ``[B]``                   eval with ``eval_texts="all"``
+label       int64 ``[B]``                   motion class, -1 when the record has none
+id          string ``[B]``                  record id
+current     int32 ``[B, P]``                ``transcripts``: current utterance, no BOS,
+                                            EOS-terminated, PAD 0 (P = ``max_current_len``)
+future      int32 ``[B, L]``                ``transcripts``: future utterance,
+                                            ``BOS .. EOS PAD..`` (the captioners' layout)
+==========  ==============================  ==================================================
+
 Everything in the map functions is TensorFlow ops (no ``py_function``). Random augmentation is
 stateless, from a per-example seed ``_seed`` derived from ``InputConfig.seed``, the input
 pipeline id and the example's position in the (shuffled) stream.
@@ -52,6 +71,7 @@ from keras_mm.pipelines.ops import augment as augment_ops
 from keras_mm.pipelines.ops import image as image_ops
 from keras_mm.pipelines.ops import render_text as render_ops
 from keras_mm.pipelines.ops import text as text_ops
+from keras_mm.pipelines.ops import video as video_ops
 from keras_mm.pipelines.tokenizer import PAD_ID, Tokenizer
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -63,6 +83,11 @@ EVAL_MODES = ("center_crop", "resize")
 VALUE_RANGES = ("-1_1", "0_1", "imagenet")
 PROMPT_MIXTURES = ("", "caption_qa")
 QUESTIONS, ANSWERS = "questions", "answers"   # optional features of image-text records
+
+
+SAMPLINGS_TRAIN = ("random", "uniform")
+SAMPLINGS_EVAL = ("uniform", "center")
+VIDEO_AUGMENTS = ("none", "crop")
 
 
 @dataclasses.dataclass
@@ -111,6 +136,21 @@ class InputConfig:
       qa_fraction: see prompt_mixture (records without questions are always captioning).
       caption_prompt: the captioning task's prompt.
       max_prompt_len: prompt token length P.
+      num_frames: video: frames per clip, T (``image_size`` is the frame side S).
+      frame_stride: video: frame step of the "random" (training) and "center" (eval) windows.
+      temporal_sampling: video training frames: "random" (a random contiguous window of
+        ``num_frames`` frames ``frame_stride`` apart) or "uniform" (the middle frame of each of
+        ``num_frames`` equal segments); see :mod:`keras_mm.pipelines.ops.video`.
+      eval_temporal_sampling: video eval frames: "uniform" or "center" (the central window).
+      video_augment: video training crop: "none" (every frame resized to S x S) or "crop" (one
+        random resized crop for the clip, ``crop_scale`` / ``crop_ratio``, resized to S x S).
+        Eval uses ``eval_mode`` / ``eval_resize_ratio`` like images.
+      video_flip: video: mirror the clip left-right with probability 1/2 and swap "left" /
+        "right" in its captions (and transcripts). Off by default: motion data describes (and
+        labels) horizontal direction, which a flip would contradict for the label.
+      transcripts: video: add ``current`` / ``future`` token ids of the transcript (MV-GPT).
+      max_current_len: video: token length P of ``current``; ``future`` has ``max_text_len``.
+      (``augment``, ``render_text`` and ``prompt_mixture`` do not apply to video.)
     """
 
     image_size: int = 224
@@ -145,6 +185,15 @@ class InputConfig:
     caption_prompt: str = "caption en"
     max_prompt_len: int = 16
 
+    num_frames: int = 8
+    frame_stride: int = 1
+    temporal_sampling: str = "random"
+    eval_temporal_sampling: str = "uniform"
+    video_augment: str = "crop"
+    video_flip: bool = False
+    transcripts: bool = False
+    max_current_len: int = 32
+
     def __post_init__(self):
         self.crop_scale = tuple(self.crop_scale)
         self.crop_ratio = tuple(self.crop_ratio)
@@ -175,6 +224,17 @@ class InputConfig:
              f"prompt_mixture must be one of {PROMPT_MIXTURES}, got {self.prompt_mixture!r}"),
             (0.0 <= self.qa_fraction <= 1.0, "qa_fraction must be in [0, 1]"),
             (self.max_prompt_len >= 2, "max_prompt_len must be >= 2"),
+            (self.num_frames >= 1, f"num_frames must be >= 1, got {self.num_frames}"),
+            (self.frame_stride >= 1, f"frame_stride must be >= 1, got {self.frame_stride}"),
+            (self.temporal_sampling in SAMPLINGS_TRAIN,
+             f"temporal_sampling must be one of {SAMPLINGS_TRAIN}, got "
+             f"{self.temporal_sampling!r}"),
+            (self.eval_temporal_sampling in SAMPLINGS_EVAL,
+             f"eval_temporal_sampling must be one of {SAMPLINGS_EVAL}, got "
+             f"{self.eval_temporal_sampling!r}"),
+            (self.video_augment in VIDEO_AUGMENTS,
+             f"video_augment must be one of {VIDEO_AUGMENTS}, got {self.video_augment!r}"),
+            (self.max_current_len >= 2, "max_current_len must be >= 2"),
         ]
         for ok, message in checks:
             if not ok:
@@ -201,10 +261,24 @@ def split_files(folder: str, split: str) -> List[str]:
 
 
 def detect_kind(folder: str) -> str:
-    """``label_as_text`` when the folder holds ``classnames.txt``, else ``image_text``."""
+    """``video_tubes`` when the folder's records hold ``video/frames`` (the first record of the
+    first shard is read), else ``label_as_text`` when the folder holds ``classnames.txt``
+    (video folders may hold one too, for their motion classes), else ``image_text``."""
+    if F.VIDEO_FRAMES in _first_record_keys(folder):
+        return F.VIDEO_TUBES
     if tf.io.gfile.exists(os.path.join(folder, CLASSNAMES_FILE)):
         return F.LABEL_AS_TEXT
     return F.IMAGE_TEXT
+
+
+def _first_record_keys(folder: str) -> Tuple[str, ...]:
+    """Feature keys of the first record of the first non-empty shard (any split); () if none."""
+    with tf.init_scope():     # eager even when called while a tf.function / dataset traces
+        for path in sorted(tf.io.gfile.glob(os.path.join(folder, "*.tfrecord-*"))):
+            for serialized in tf.data.TFRecordDataset(path).take(1):
+                example = tf.train.Example.FromString(serialized.numpy())
+                return tuple(example.features.feature.keys())
+    return ()
 
 
 def text_renderer(config: InputConfig) -> render_ops.TextRenderer:
@@ -397,6 +471,16 @@ def train_dataset(folder: str, config: InputConfig, tokenizer: Optional[Tokenize
     files = split_files(folder, split)
     kind = detect_kind(folder)
     tokenizer = _text_encoder(folder, config, tokenizer)
+    return _train_batches(files, config, _train_preprocess(kind, config, tokenizer),
+                          input_context)
+
+
+def _train_batches(files: List[str], config: InputConfig, preprocess,
+                   input_context: Optional[tf.distribute.InputContext]) -> tf.data.Dataset:
+    """The training stream of every record kind: files (sharded by ``input_context``) shuffled,
+    interleaved, cached / repeated / shuffled per ``config``, each record paired with its seed
+    (``[seed, pipeline id]`` folded with its position in the stream), mapped by
+    ``preprocess(seed, serialized)``, batched (per replica with ``input_context``), prefetched."""
     batch_size = config.batch_size
     pipeline_id, num_pipelines = 0, 1
     shard_records = False
@@ -431,7 +515,7 @@ def train_dataset(folder: str, config: InputConfig, tokenizer: Optional[Tokenize
         return tf.random.experimental.stateless_fold_in(base_seed, index), serialized
 
     ds = ds.enumerate().map(with_seed)
-    ds = ds.map(_train_preprocess(kind, config, tokenizer),
+    ds = ds.map(preprocess,
                 num_parallel_calls=config.num_parallel_calls, deterministic=config.deterministic)
     ds = ds.batch(batch_size, drop_remainder=config.drop_remainder)
     ds = ds.prefetch(AUTOTUNE)
@@ -482,6 +566,235 @@ def caption_eval_dataset(folder: str, split: str, config: InputConfig) -> tf.dat
                F.TEXTS: text_ops.normalize_text(features[F.TEXTS])}
         for key in (QUESTIONS, ANSWERS):
             out[key] = features.get(key, tf.zeros([0], tf.string))
+        return out
+
+    ds = tf.data.TFRecordDataset(files).map(fn, num_parallel_calls=config.num_parallel_calls,
+                                            deterministic=True)
+    ds = ds.padded_batch(config.batch_size, drop_remainder=False)
+    return ds.prefetch(AUTOTUNE)
+
+
+# ------------------------------------------------------------------------------ video
+
+NO_LABEL = -1            # the label of a video record without one (as features.py writes it)
+
+
+# Video fields live in InputConfig (one ``data.input`` section for every recipe); the name
+# stays for readability at call sites.
+VideoInputConfig = InputConfig
+
+
+def _video_value_range_op(config: InputConfig):
+    if config.value_range == "imagenet":
+        return video_ops.normalize_imagenet()
+    if config.value_range == "0_1":
+        return video_ops.value_range(0.0, 1.0)
+    return video_ops.value_range(-1.0, 1.0)
+
+
+def _flip_text_keys(config: VideoInputConfig) -> Tuple[str, ...]:
+    keys = (F.TEXTS,)
+    if config.transcripts:
+        keys += (F.TRANSCRIPT_CURRENT, F.TRANSCRIPT_FUTURE)
+    return keys
+
+
+def train_video_ops(config: VideoInputConfig) -> image_ops.Op:
+    """``video/frames`` -> ``video`` float32 ``[T, S, S, 3]`` for training (needs ``_seed``):
+    sample ``num_frames`` of the encoded frames, decode only those, crop, optionally flip (with
+    the captions' / transcripts' left-right swap), value range."""
+    size = config.image_size
+    ops = [video_ops.sample_frames(config.num_frames, config.temporal_sampling,
+                                   stride=config.frame_stride, key=F.VIDEO_FRAMES),
+           video_ops.decode_frames(F.VIDEO_FRAMES, "video")]
+    if config.video_augment == "none":
+        ops.append(video_ops.resize(size, antialias=config.resize_antialias))
+    else:
+        ops.append(video_ops.random_resized_crop(size, scale=config.crop_scale,
+                                                 ratio=config.crop_ratio,
+                                                 antialias=config.resize_antialias))
+    if config.video_flip:
+        ops.append(video_ops.random_flip(text_keys=_flip_text_keys(config)))
+    ops.append(_video_value_range_op(config))
+    return image_ops.compose(*ops)
+
+
+def eval_video_ops(config: VideoInputConfig) -> image_ops.Op:
+    """``video/frames`` -> ``video`` float32 ``[T, S, S, 3]`` for evaluation (deterministic)."""
+    size = config.image_size
+    ops = [video_ops.sample_frames(config.num_frames, config.eval_temporal_sampling,
+                                   stride=config.frame_stride, key=F.VIDEO_FRAMES),
+           video_ops.decode_frames(F.VIDEO_FRAMES, "video")]
+    if config.eval_mode == "resize":
+        ops.append(video_ops.resize(size, antialias=config.resize_antialias))
+    else:
+        ops.append(video_ops.resize_center_crop(size, config.eval_resize_ratio,
+                                                antialias=config.resize_antialias))
+    ops.append(_video_value_range_op(config))
+    return image_ops.compose(*ops)
+
+
+def _check_video_config(config) -> None:
+    """The settings that cannot apply to video (ValueError), on top of InputConfig's checks."""
+    if not isinstance(config, InputConfig):
+        raise TypeError(f"video datasets need an InputConfig, got {type(config).__name__}")
+    checks = [
+        (not config.transcripts or config.max_text_len >= 3,
+         "max_text_len must be >= 3 for the BOS + EOS future transcript"),
+        (not config.render_text, "render_text does not apply to video"),
+        (not config.prompt_mixture, "prompt_mixture does not apply to video"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"InputConfig (video): {message}")
+
+
+def _video_files(folder: str, split: str) -> List[str]:
+    files = split_files(folder, split)
+    kind = detect_kind(folder)
+    if kind != F.VIDEO_TUBES:
+        raise ValueError(f"dataset folder {folder!r} holds {kind} records, not video_tubes "
+                         "(use train_dataset / eval_dataset)")
+    return files
+
+
+def _video_label(features) -> tf.Tensor:
+    """int64 ``[]``: the record's motion class, -1 when absent (or not in the spec)."""
+    label = features.get(F.LABEL)
+    if label is None:
+        return tf.constant(NO_LABEL, tf.int64)
+    return tf.cast(label, tf.int64)
+
+
+def _transcript_ids(features, config: VideoInputConfig, tokenizer: Tokenizer):
+    """``current``: int32 ``[P]`` ``t_1 .. t_n EOS PAD..`` (no BOS); ``future``: int32 ``[L]``
+    ``BOS t_1 .. t_n EOS PAD..`` (the captioners' layout). An empty transcript gives ``EOS`` /
+    ``BOS EOS``."""
+    return {
+        "current": tokenizer.tokenize(features[F.TRANSCRIPT_CURRENT], config.max_current_len,
+                                      add_bos=False, add_eos=True),
+        "future": tokenizer.tokenize(features[F.TRANSCRIPT_FUTURE], config.max_text_len,
+                                     add_bos=True, add_eos=True),
+    }
+
+
+def _video_train_preprocess(config: VideoInputConfig, tokenizer: Tokenizer):
+    video = train_video_ops(config)
+    caption = text_ops.choose_caption(config.train_caption, key=F.TEXTS, out_key="text")
+
+    def fn(seed, serialized):
+        features = dict(F.parse(serialized, F.VIDEO_TUBES))
+        features[image_ops.SEED_KEY] = seed
+        features = caption(video(features))             # flip (if any) swaps before choosing
+        out = {"video": features["video"],
+               "text": tokenizer.tokenize(features["text"], config.max_text_len,
+                                          add_bos=config.add_bos, add_eos=True),
+               F.ID: features[F.ID],
+               F.LABEL: _video_label(features)}
+        if config.transcripts:
+            out.update(_transcript_ids(features, config, tokenizer))
+        return out
+
+    return fn
+
+
+def _video_eval_preprocess(config: VideoInputConfig, tokenizer: Tokenizer):
+    video = eval_video_ops(config)
+    max_len = config.max_text_len
+
+    def fn(serialized):
+        features = video(dict(F.parse(serialized, F.VIDEO_TUBES)))
+        texts = features[F.TEXTS]                                          # [K0]
+        out = {"video": features["video"], F.ID: features[F.ID],
+               F.LABEL: _video_label(features)}
+        if config.eval_texts == "first":
+            out["text"] = tokenizer.tokenize(texts[0], max_len, add_bos=config.add_bos,
+                                             add_eos=True)                 # [L]
+        else:
+            k = config.eval_max_texts
+            num = tf.minimum(tf.shape(texts)[0], k)
+            ids = tokenizer.tokenize(texts[:k], max_len, add_bos=config.add_bos, add_eos=True)
+            ids = tf.pad(ids, [[0, k - num], [0, 0]], constant_values=PAD_ID)  # [K, L]
+            out["texts"] = tf.ensure_shape(ids, [k, max_len])
+            out["num_texts"] = num
+            out["text"] = ids[0]
+        if config.transcripts:
+            out.update(_transcript_ids(features, config, tokenizer))
+        return out
+
+    return fn
+
+
+def video_train_dataset(folder: str, config: VideoInputConfig,
+                        tokenizer: Optional[Tokenizer] = None,
+                        input_context: Optional[tf.distribute.InputContext] = None,
+                        split: str = "train") -> tf.data.Dataset:
+    """Shuffled, augmented, (by default) repeated training batches of a video_tubes folder;
+    files, shuffling, seeds and ``input_context`` exactly as :func:`train_dataset`.
+
+    Returns:
+      batches ``{"video": float32 [B, T, S, S, 3], "text": int32 [B, L] (one caption,
+      ``train_caption``), "id": string [B], "label": int64 [B] (-1 when absent)
+      (, "current": int32 [B, P], "future": int32 [B, L] with ``transcripts``)}``.
+    """
+    _check_video_config(config)
+    files = _video_files(folder, split)
+    tokenizer = tokenizer or load_tokenizer(folder, config)
+    return _train_batches(files, config, _video_train_preprocess(config, tokenizer),
+                          input_context)
+
+
+def video_eval_dataset(folder: str, split: str, config: VideoInputConfig,
+                       tokenizer: Optional[Tokenizer] = None) -> tf.data.Dataset:
+    """Evaluation batches of a video_tubes folder in a fixed order (as :func:`eval_dataset`:
+    sorted shards, file order, no shuffle, no repeat, last batch kept).
+
+    Returns:
+      batches ``{"video": float32 [B, T, S, S, 3], "text": int32 [B, L] (the first caption),
+      "id": string [B], "label": int64 [B] (-1 when absent) (, "texts": int32 [B, K, L],
+      "num_texts": int32 [B] with ``eval_texts="all"``) (, "current": int32 [B, P],
+      "future": int32 [B, L] with ``transcripts``)}``.
+    """
+    _check_video_config(config)
+    files = _video_files(folder, split)
+    tokenizer = tokenizer or load_tokenizer(folder, config)
+    ds = tf.data.TFRecordDataset(files)
+    if config.cache:
+        ds = ds.cache()
+    ds = ds.map(_video_eval_preprocess(config, tokenizer),
+                num_parallel_calls=config.num_parallel_calls, deterministic=True)
+    ds = ds.batch(config.batch_size, drop_remainder=False)
+    ds = ds.prefetch(AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def video_caption_eval_dataset(folder: str, split: str, config: VideoInputConfig,
+                               tokenizer: Optional[Tokenizer] = None) -> tf.data.Dataset:
+    """Evaluation batches for video captioners, in file order: ``{"video": float32
+    [B, T, S, S, 3], "id": string [B], "label": int64 [B], "texts": string [B, K] (every
+    reference, normalised; "" pads rows with fewer)}``; with ``transcripts`` also
+    ``"current": int32 [B, P]`` (the model's input, as in training) and the raw normalised
+    ``"transcript/current"`` / ``"transcript/future"``: string [B] (the future utterance is
+    the reference of MV-GPT's generation). The tokenizer is only needed with ``transcripts``."""
+    _check_video_config(config)
+    files = _video_files(folder, split)
+    if config.transcripts:
+        tokenizer = tokenizer or load_tokenizer(folder, config)
+    video = eval_video_ops(config)
+
+    def fn(serialized):
+        features = video(dict(F.parse(serialized, F.VIDEO_TUBES)))
+        out = {"video": features["video"], F.ID: features[F.ID],
+               F.LABEL: _video_label(features),
+               F.TEXTS: text_ops.normalize_text(features[F.TEXTS])}
+        if config.transcripts:
+            out["current"] = tokenizer.tokenize(features[F.TRANSCRIPT_CURRENT],
+                                                config.max_current_len, add_bos=False,
+                                                add_eos=True)
+            for key in (F.TRANSCRIPT_CURRENT, F.TRANSCRIPT_FUTURE):
+                out[key] = text_ops.normalize_text(features[key])
         return out
 
     ds = tf.data.TFRecordDataset(files).map(fn, num_parallel_calls=config.num_parallel_calls,

@@ -22,6 +22,12 @@ video_tubes
     ``video/fps``      float
     ``texts``, ``id``  as above
     ``transcript/current``, ``transcript/future``  bytes, optional (MV-GPT); empty when absent
+    ``label``          int64, optional: the clip's class (moving-digits: the primary digit's
+                       motion direction, for the motion probe); -1 when absent
+    ``label/name``     bytes, optional: the class name ("left"); empty when absent
+
+Optional scalars are always written (their default when absent), so every record of a kind has
+the same scalar keys; optional lists are left out when empty and parse back as ``[]``.
 """
 
 from __future__ import annotations
@@ -68,9 +74,24 @@ _SCHEMA[VIDEO_TUBES] = {
     ID: (str, False),
     TRANSCRIPT_CURRENT: (str, False),
     TRANSCRIPT_FUTURE: (str, False),
+    LABEL: (int, False),
+    LABEL_NAME: (str, False),
 }
-# Optional keys: scalars are written as "" when absent; lists are not written when empty.
-_OPTIONAL = {TRANSCRIPT_CURRENT, TRANSCRIPT_FUTURE, QUESTIONS, ANSWERS}
+# Optional keys per kind -> their default. Scalars are written as the default when absent; lists
+# are not written when empty. (``label`` is required in label_as_text, optional in video_tubes.)
+NO_LABEL = -1
+_OPTIONAL: Dict[str, Dict[str, Any]] = {
+    IMAGE_TEXT: {QUESTIONS: [], ANSWERS: []},
+    LABEL_AS_TEXT: {QUESTIONS: [], ANSWERS: []},
+    VIDEO_TUBES: {TRANSCRIPT_CURRENT: "", TRANSCRIPT_FUTURE: "", LABEL: NO_LABEL,
+                  LABEL_NAME: ""},
+}
+
+
+def optional_defaults(kind: str) -> Dict[str, Any]:
+    """``{key: default}`` of the optional keys of a record kind."""
+    _schema(kind)
+    return dict(_OPTIONAL[kind])
 
 
 def keys(kind: str) -> Sequence[str]:
@@ -86,7 +107,7 @@ def _schema(kind: str) -> Dict[str, tuple]:
 
 def _check(kind: str, record: Mapping[str, Any]) -> None:
     schema = _schema(kind)
-    missing = [k for k in schema if k not in record and k not in _OPTIONAL]
+    missing = [k for k in schema if k not in record and k not in _OPTIONAL[kind]]
     extra = [k for k in record if k not in schema]
     if missing or extra:
         raise ValueError(f"{kind} record: missing keys {missing}, unexpected keys {extra}")
@@ -108,11 +129,12 @@ def serialize(record: Mapping[str, Any], kind: str) -> bytes:
     from tensorflow.core.example import example_pb2, feature_pb2  # protos only, no TF runtime
 
     _check(kind, record)
+    optional = _OPTIONAL[kind]
     feature = {}
     for key, (typ, is_list) in _schema(kind).items():
-        value = record.get(key, "" if key in _OPTIONAL else None)
+        value = record.get(key, optional.get(key))
         values = list(value) if is_list else [value]
-        if is_list and key in _OPTIONAL and not values:
+        if is_list and key in optional and not values:
             continue  # absent optional list: parses back as []
         if typ in (bytes, str):
             feature[key] = feature_pb2.Feature(
@@ -132,11 +154,12 @@ def deserialize(serialized: bytes, kind: str) -> Dict[str, Any]:
     from tensorflow.core.example import example_pb2
 
     example = example_pb2.Example.FromString(serialized)
+    optional = _OPTIONAL[kind]
     out: Dict[str, Any] = {}
     for key, (typ, is_list) in _schema(kind).items():
         if key not in example.features.feature:
-            if key in _OPTIONAL:
-                out[key] = [] if is_list else ""
+            if key in optional:
+                out[key] = list(optional[key]) if is_list else optional[key]
                 continue
             raise ValueError(f"{kind} record is missing feature {key!r}")
         feat = example.features.feature[key]
@@ -160,13 +183,14 @@ def parse_spec(kind: str) -> Dict[str, Any]:
     """
     import tensorflow as tf
 
+    optional = _OPTIONAL[kind] if kind in _OPTIONAL else {}
     spec = {}
     for key, (typ, is_list) in _schema(kind).items():
         dtype = {bytes: tf.string, str: tf.string, int: tf.int64, float: tf.float32}[typ]
         if is_list:
             spec[key] = tf.io.RaggedFeature(dtype)
         else:
-            default = "" if key in _OPTIONAL else None
+            default = optional.get(key)
             spec[key] = tf.io.FixedLenFeature([], dtype, default_value=default)
     return spec
 
@@ -224,5 +248,8 @@ def tfds_features(kind: str, class_names: Optional[Sequence[str]] = None):
                 "current": f.Tensor(shape=(), dtype=tf.string),
                 "future": f.Tensor(shape=(), dtype=tf.string),
             },
+            # flat keys, as in label_as_text: "label/name" cannot nest under the tensor "label"
+            LABEL: f.Tensor(shape=(), dtype=tf.int64),
+            LABEL_NAME: f.Tensor(shape=(), dtype=tf.string),
         })
     raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")

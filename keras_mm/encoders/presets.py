@@ -46,7 +46,11 @@ Families:
   4    1 x 16 x 16  32 x 16 x 16 0           1 x 8 x 8  16 x 8 x 8 0
   ==== ============ ============ =========== ========== ========== =========
 
-  The MaMMUT video variant is the override ``image_position_embedding=True``.
+  The MaMMUT video variant is the override ``image_position_embedding=True``. Named tube sets
+  (``tube_set(name)``, ``TUBE_SETS``) swap the tubes of a preset: "paper", "tiny" and "clip8",
+  ours for 8 frames of 32 x 32 (the moving-digits clips; 98 tokens): 4 x 8 x 8 at stride
+  4 x 8 x 8; 8 x 4 x 4 at stride 8 x 8 x 8, offset (0, 2, 2); 2 x 6 x 6 at stride 4 x 8 x 8,
+  offset (1, 4, 4); 1 x 8 x 8 image patches at stride 4 x 8 x 8 (frames 0 and 4).
 
 Every getter returns a fresh dict; keyword overrides replace preset values, so
 ``vit_config("b16", pool="map", remat=True)`` is the ViT-B/16 with a MAP head and
@@ -81,6 +85,13 @@ _TINY_TUBES = [[[4, 8, 8], [8, 16, 16], [0, 0, 0]],
                [[8, 4, 4], [3, 16, 16], [2, 4, 4]],
                [[2, 6, 6], [8, 16, 16], [0, 8, 8]],
                [[1, 8, 8], [16, 8, 8], [0, 0, 0]]]
+# 8 frames of 32 x 32 (the moving-digits clips), patch 8: 32 + 16 + 18 + 32 = 98 tokens.
+_CLIP8_TUBES = [[[4, 8, 8], [4, 8, 8], [0, 0, 0]],
+                [[8, 4, 4], [8, 8, 8], [0, 2, 2]],
+                [[2, 6, 6], [4, 8, 8], [1, 4, 4]],
+                [[1, 8, 8], [4, 8, 8], [0, 0, 0]]]
+# Named tube sets (``model.video.tubes`` in the recipes).
+TUBE_SETS = {"paper": _PAPER_TUBES, "tiny": _TINY_TUBES, "clip8": _CLIP8_TUBES}
 TUBEVIT = {
     "tiny": dict(video_size=[16, 64, 64], tubes=_TINY_TUBES, width=192, depth=4, heads=3,
                  mlp_dim=768),
@@ -189,6 +200,13 @@ def _lookup(family, name):
 def vit_config(name, **overrides):
     """``ViTEncoder`` kwargs of an image preset, with overrides."""
     return {**_lookup("vit", name), **overrides}
+
+
+def tube_set(name):
+    """The tube specs of a named tube set (``TUBE_SETS``: "paper", "tiny", "clip8")."""
+    if name not in TUBE_SETS:
+        raise ValueError(f"unknown tube set {name!r}; valid: {', '.join(sorted(TUBE_SETS))}")
+    return copy.deepcopy(TUBE_SETS[name])
 
 
 def tubevit_config(name, **overrides):

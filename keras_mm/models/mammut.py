@@ -41,17 +41,21 @@ class MaMMUTModel(ContrastiveCaptionerModel):
         focal_gamma: gamma of the focal loss.
         contrastive_weight, caption_weight: loss weights (1 and 1).
         blind, label_smoothing: see ``CaptionerMixin``.
+        visual_key: the batch key of the visual input (``"image"``; ``"video"`` for MaMMUT
+            video, with a ``TubeViTEncoder(image_position_embedding=True)`` or a
+            ``FrameAverageEncoder`` as ``image_encoder``).
     """
 
     family = "mammut"
 
     def __init__(self, image_encoder, decoder, embed_dim=None, contrastive="softmax",
                  focal_gamma=2.0, contrastive_weight=1.0, caption_weight=1.0, blind=False,
-                 label_smoothing=0.0, log_scale_init=None, **kwargs):
+                 label_smoothing=0.0, log_scale_init=None, visual_key="image", **kwargs):
         if contrastive not in CONTRASTIVE_LOSSES:
             raise ValueError(f"contrastive must be one of {CONTRASTIVE_LOSSES}, "
                              f"got {contrastive!r}")
-        super().__init__(None, None, loss="softmax", log_scale_init=log_scale_init, **kwargs)
+        super().__init__(None, None, loss="softmax", log_scale_init=log_scale_init,
+                         visual_key=visual_key, **kwargs)
         if not decoder.cross_layers:
             raise ValueError("MaMMUT's decoder needs cross-attention in some blocks")
         self.image_encoder_model = image_encoder
@@ -94,9 +98,9 @@ class MaMMUTModel(ContrastiveCaptionerModel):
         return self.contrastive_text(inputs, training=training)
 
     def call(self, inputs, training=False):
-        """{"image", "text"} -> {"image_emb", "text_emb", "logits", "caption_loss",
-        "token_accuracy", "t"}."""
-        image_emb, tokens = self._image(inputs["image"], training=training)
+        """{"image" (``visual_key``), "text"} -> {"image_emb", "text_emb", "logits",
+        "caption_loss", "token_accuracy", "t"}."""
+        image_emb, tokens = self._image(inputs[self.visual_key], training=training)
         text_inputs, _ = teacher_forcing(inputs["text"])
         text_emb = self.contrastive_text(text_inputs, training=training)
         logits = self.decoder(text_inputs, self._blinded(tokens), training=training)
@@ -120,5 +124,6 @@ class MaMMUTModel(ContrastiveCaptionerModel):
             "embed_dim": self.embed_dim, "contrastive": self.contrastive,
             "focal_gamma": self.focal_gamma, "contrastive_weight": self.contrastive_weight,
             "caption_weight": self.caption_weight, "blind": self.blind,
-            "label_smoothing": self.label_smoothing, "log_scale_init": self.log_scale_init})
+            "label_smoothing": self.label_smoothing, "log_scale_init": self.log_scale_init,
+            "visual_key": self.visual_key})
         return config

@@ -46,14 +46,18 @@ class TwoTowerModel(keras.Model):
         lock_image: LiT: the image tower is frozen (not trainable, always run in inference
             mode, so no optimizer slots and no dropout / batch-norm updates).
         log_scale_init, bias_init: override the initial t' (or log scale) and b.
+        visual_key: the batch key of the visual input read by ``call`` (``"image"``; video
+            models use ``"video"``, ``[B, T, H, W, 3]``, with a video tower).
     """
 
     # The model family named in exports (keras_mm_export.json) and run summaries.
     family = "two_tower"
 
     def __init__(self, image_encoder, text_encoder, loss="sigmoid", chunked=False,
-                 lock_image=False, log_scale_init=None, bias_init=None, **kwargs):
+                 lock_image=False, log_scale_init=None, bias_init=None, visual_key="image",
+                 **kwargs):
         super().__init__(**kwargs)
+        self.visual_key = str(visual_key)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if chunked and loss != "sigmoid":
@@ -84,8 +88,10 @@ class TwoTowerModel(keras.Model):
 
     def call(self, inputs, training=False):
         """{"image": [B, H, W, 3], "text": [B, L]} -> {"image_emb", "text_emb"}: [B, D] each,
-        plus the current scalars "t" (logit scale) and "b" (bias; sigmoid only) for logging."""
-        out = {"image_emb": self.embed_image(inputs["image"], training=training),
+        plus the current scalars "t" (logit scale) and "b" (bias; sigmoid only) for logging.
+        The visual input is read at ``visual_key`` ("image" by default; "video" for video
+        towers: ``image_emb`` is then the video embedding)."""
+        out = {"image_emb": self.embed_image(inputs[self.visual_key], training=training),
                "text_emb": self.embed_text(inputs["text"], training=training),
                "t": self.logits.scale}
         if self.logits.bias is not None:
@@ -132,6 +138,7 @@ class TwoTowerModel(keras.Model):
             "text_encoder": keras.saving.serialize_keras_object(self.text_encoder),
             "loss": self.loss_type, "chunked": self.chunked, "lock_image": self.lock_image,
             "log_scale_init": self.log_scale_init, "bias_init": self.bias_init,
+            "visual_key": self.visual_key,
         })
         return config
 

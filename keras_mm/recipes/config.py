@@ -40,7 +40,8 @@ from keras_mm.pipelines.datasets import InputConfig
 CLASS_KEY = "__config__"
 STRATEGIES = ("one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "few_shot", "captioning", "vqa")
+EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "few_shot", "captioning", "vqa",
+              "motion_probe", "next_utterance")
 
 
 class ConfigError(ValueError):
@@ -138,6 +139,29 @@ class CaptionerConfig:
 
 
 @dataclasses.dataclass
+class VideoConfig:
+    """Video models (``model.kind`` video_two_tower / video_mammut / mvgpt).
+
+    Attributes:
+      encoder: the video tower: "tubevit" (sparse tubes, ``keras_mm.encoders.tubevit``) or
+        "frame_average" (the image ViT on every frame, embeddings averaged over time: the
+        baseline that sees every frame but not their order).
+      tubes: a named tube set of TubeViT (``keras_mm.encoders.presets.TUBE_SETS``: "paper",
+        "tiny", "clip8"); None: the preset's.
+      mvgpt_backward: MV-GPT's bidirectional objective (also generate the present utterance from
+        the frames and the future one, BOS-B); false: the forward-only ablation.
+      mvgpt_use_frames: false: the no-frames ablation (the encoder sees only the utterance).
+      mvgpt_backward_weight: weight of the backward loss (the forward one has weight 1).
+    """
+
+    encoder: Literal["tubevit", "frame_average"] = "tubevit"
+    tubes: Optional[str] = None
+    mvgpt_backward: bool = True
+    mvgpt_use_frames: bool = True
+    mvgpt_backward_weight: float = 1.0
+
+
+@dataclasses.dataclass
 class ModelConfig:
     """The model.
 
@@ -157,6 +181,8 @@ class ModelConfig:
       patch_size: the image encoder's patch size; None: the preset's.
       moe: the mixture-of-experts settings of "limoe".
       captioner: the settings of the captioners.
+      video: the settings of the video models ("video_two_tower": the two-tower model with a
+        video tower, "video_mammut": MaMMUT on clips, "mvgpt": MV-GPT).
     """
 
     kind: str = "two_tower"
@@ -171,6 +197,7 @@ class ModelConfig:
     patch_size: Optional[int] = None
     moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
     captioner: CaptionerConfig = dataclasses.field(default_factory=CaptionerConfig)
+    video: VideoConfig = dataclasses.field(default_factory=VideoConfig)
 
 
 @dataclasses.dataclass
@@ -286,10 +313,20 @@ class EvalConfig:
         embeddings of ``probe_train_split``, C chosen on ``probe_val_split``, scored on ``split``),
         "few_shot" (big_vision's k-shot ridge regression, k in ``shots``), "captioning"
         (captioners: CIDEr, BLEU-4, METEOR, ROUGE-L of generated captions against every
-        reference), "vqa" (the PaLI-style model: exact-match answers to the scenes' questions).
+        reference), "vqa" (the PaLI-style model: exact-match answers to the scenes' questions),
+        "motion_probe" (video: logistic regression of the clips' motion class on frozen clip
+        embeddings, fit on ``probe_train_split``, C chosen on ``probe_val_split``; with
+        ``baseline_run`` the same probe on that run's model too), "next_utterance" (MV-GPT:
+        caption metrics of the generated future utterance against the true one). For video
+        models "retrieval" is text <-> video retrieval on a gallery of ``gallery_size`` clips.
       max_examples: cap on evaluated examples (zero-shot); None: the whole split.
       probe_train_split, probe_val_split: the splits the probes fit on and select on.
       shots: examples per class of the few-shot evaluation.
+      gallery_size: video retrieval: the first this many clips of ``split`` (None: all).
+      probe_max_train: motion probe: at most this many training clips (None: all).
+      baseline_run: video: a run folder of the frame-averaging baseline, evaluated beside this
+        run (its probe accuracy is ``motion_probe_frame_average_top1``, its retrieval
+        ``frame_average_retrieval_*``).
     """
 
     split: str = "test"
@@ -301,6 +338,9 @@ class EvalConfig:
     probe_train_split: str = "train"
     probe_val_split: str = "validation"
     shots: Tuple[int, ...] = (1, 5, 10)
+    gallery_size: Optional[int] = 256
+    probe_max_train: Optional[int] = 4096
+    baseline_run: Optional[str] = None
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in EVAL_TASKS]
@@ -370,6 +410,10 @@ RECIPES = {
     "cappa_scenes": "keras_mm.recipes.captioners:cappa_scenes",
     "mammut_scenes": "keras_mm.recipes.captioners:mammut_scenes",
     "pali_scenes": "keras_mm.recipes.captioners:pali_scenes",
+    "tubevit_moving_digits": "keras_mm.recipes.video:tubevit_moving_digits",
+    "frame_average_moving_digits": "keras_mm.recipes.video:frame_average_moving_digits",
+    "mammut_video_moving_digits": "keras_mm.recipes.video:mammut_video_moving_digits",
+    "mvgpt_moving_digits": "keras_mm.recipes.video:mvgpt_moving_digits",
 }
 
 

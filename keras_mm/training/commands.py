@@ -96,12 +96,16 @@ def export_model(model, tokenizer, input_config, templates, export_dir, class_na
     from keras_mm.export.captioner import CAPTIONER_FAMILIES
 
     family = getattr(model, "family", None)
+    search = {} if captioner is None else dict(
+        method=captioner.decode, beam_size=captioner.beam_size,
+        length_penalty=captioner.length_penalty, max_length=captioner.max_decode_len)
+    if family == "mvgpt" or getattr(model, "visual_key", "image") == "video":
+        from keras_mm.export.video import export_video
+
+        return export_video(model, tokenizer, input_config, export_dir, **search)
     if family in CAPTIONER_FAMILIES:
         from keras_mm.export.captioner import export_captioner
 
-        search = {} if captioner is None else dict(
-            method=captioner.decode, beam_size=captioner.beam_size,
-            length_penalty=captioner.length_penalty, max_length=captioner.max_decode_len)
         return export_captioner(model, tokenizer, input_config, export_dir,
                                 eval_templates=templates, class_names=class_names, **search)
     if family == "clippo":

@@ -26,9 +26,11 @@ from keras_mm.training import callbacks as cb
 LOG = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 CAPTIONER_KINDS = ("coca", "cappa", "mammut", "pali")
-MODEL_KINDS = ("two_tower", "limoe", "clippo") + CAPTIONER_KINDS
+VIDEO_KINDS = ("video_two_tower", "video_mammut", "mvgpt")
+MODEL_KINDS = ("two_tower", "limoe", "clippo") + CAPTIONER_KINDS + VIDEO_KINDS
 CONTRACT_METRICS = (
     "cider", "bleu4", "meteor", "rouge_l", "vqa_accuracy",
+    "motion_probe_top1", "motion_probe_frame_average_top1",
     "zero_shot_top1", "zero_shot_top5", "retrieval_i2t_r1", "retrieval_i2t_r5",
     "retrieval_i2t_r10", "retrieval_t2i_r1", "retrieval_t2i_r5", "retrieval_t2i_r10",
     "routing_success_image", "routing_success_text")
@@ -65,6 +67,10 @@ def build_model(cfg, tokenizer):
         model = _build_captioner(cfg, tokenizer)
         _build_on_zeros(model, cfg)
         return model
+    if m.kind in VIDEO_KINDS:
+        model = _build_video(cfg, tokenizer)
+        _build_on_zeros(model, cfg)
+        return model
     if m.lit and not m.init_checkpoint:
         raise config_lib.ConfigError("model.lit needs model.init_checkpoint (a .keras image "
                                      "encoder or classifier)")
@@ -84,7 +90,16 @@ def build_model(cfg, tokenizer):
 
 
 def _build_on_zeros(model, cfg):
-    size = cfg.data.input.image_size
+    size, data = cfg.data.input.image_size, cfg.data.input
+    if cfg.model.kind in VIDEO_KINDS:
+        video = keras.ops.zeros((1, data.num_frames, size, size, 3))
+        text = keras.ops.ones((1, data.max_text_len), "int32")
+        if cfg.model.kind == "mvgpt":
+            model({"video": video, "current": keras.ops.ones((1, data.max_current_len), "int32"),
+                   "future": text})
+        else:
+            model({"video": video, "text": text})
+        return
     inputs = {"image": keras.ops.zeros((1, size, size, 3)),
               "text": keras.ops.ones((1, cfg.data.input.max_text_len), "int32")}
     if cfg.data.input.prompt_mixture:
@@ -130,6 +145,48 @@ def _build_captioner(cfg, tokenizer):
     return build_captioner(m.kind, m.preset, vocab_size=tokenizer.vocab_size,
                            max_len=data.max_text_len, image_overrides=image_overrides,
                            **kwargs)
+
+
+def _build_video(cfg, tokenizer):
+    """A video model: the two-tower model with a video tower, MaMMUT on clips, or MV-GPT; the
+    video tower of ``model.video.encoder`` (TubeViT or the frame-averaging baseline)."""
+    from keras_mm.models import video as video_models
+
+    m, v, data = cfg.model, cfg.model.video, cfg.data.input
+    if m.lit or m.chunked or m.init_checkpoint:
+        raise config_lib.ConfigError(f"model.kind {m.kind!r} has no LiT / chunked / "
+                                     "init_checkpoint mode")
+    if m.kind != "video_two_tower" and not data.add_bos:
+        raise config_lib.ConfigError(f"model.kind {m.kind!r} decodes from BOS: set "
+                                     "data.input.add_bos=true")
+    if m.embed_dim or m.stem != "patch" or m.patch_size:
+        raise config_lib.ConfigError(f"model.kind {m.kind!r}: embed_dim, stem and patch_size "
+                                     "do not apply (the video tower's tubes set its tokens)")
+    video_overrides = {"video_size": [data.num_frames, data.image_size, data.image_size],
+                       "remat": m.remat}
+    if v.tubes:
+        from keras_mm.encoders import presets
+
+        try:
+            video_overrides["tubes"] = presets.tube_set(v.tubes)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"model.video.tubes: {e}") from e
+    common = dict(encoder=v.encoder, vocab_size=tokenizer.vocab_size, max_len=data.max_text_len,
+                  video_overrides=video_overrides)
+    if m.kind == "video_two_tower":
+        return video_models.build_video_two_tower(m.preset, m.loss,
+                                                  text_overrides={"remat": m.remat}, **common)
+    c = m.captioner
+    if m.kind == "video_mammut":
+        kwargs = {k: getattr(c, k) for k in ("contrastive_weight", "caption_weight")
+                  if getattr(c, k) is not None}
+        return video_models.build_video_mammut(
+            m.preset, contrastive=c.contrastive, focal_gamma=c.focal_gamma, blind=c.blind,
+            label_smoothing=c.label_smoothing, **kwargs, **common)
+    return video_models.build_mvgpt(
+        m.preset, backward=v.mvgpt_backward, use_frames=v.mvgpt_use_frames,
+        backward_weight=v.mvgpt_backward_weight, max_current_len=data.max_current_len,
+        label_smoothing=c.label_smoothing, **common)
 
 
 def _stem_overrides(m):
@@ -219,12 +276,15 @@ def train(cfg, *, extra_callbacks=(), verbose="auto"):
     initial_step = ckpt.latest_step() or 0
     tokenizer = load_tokenizer(cfg)
 
+    make_train = (datasets.video_train_dataset if cfg.model.kind in VIDEO_KINDS
+                  else datasets.train_dataset)
+
     def dataset_fn(ctx=None):
         # String features (the record ids) stay out of the train step: XLA (jit_compile)
         # cannot take them, and no model uses them.
         return checkpoint.resumable_dataset(
-            lambda: datasets.train_dataset(cfg.data.folder, cfg.data.input, tokenizer=tokenizer,
-                                           input_context=ctx, split=cfg.data.train_split).map(
+            lambda: make_train(cfg.data.folder, cfg.data.input, tokenizer=tokenizer,
+                               input_context=ctx, split=cfg.data.train_split).map(
                 lambda b: {k: v for k, v in b.items() if v.dtype != tf.string}),
             skip_batches=initial_step * checkpoint.batches_per_step(ctx))
 
@@ -330,6 +390,8 @@ def evaluate(cfg, model=None, tokenizer=None) -> Dict[str, float]:
     folder = cfg.eval.folder or cfg.data.folder
     tokenizer = tokenizer or load_tokenizer(cfg)
     model = model or restore(cfg, tokenizer)
+    if cfg.model.kind in VIDEO_KINDS:
+        return evaluate_video(cfg, model, tokenizer)
     if cfg.model.kind in ("cappa", "pali"):     # no contrastive head: no embeddings
         embed_image = embed_text = None
     elif cfg.model.kind == "clippo":
@@ -373,6 +435,114 @@ def evaluate(cfg, model=None, tokenizer=None) -> Dict[str, float]:
         metrics.update({k: float(v) for k, v in out.items() if reported(k)})
     if hasattr(model, "routing_terms"):   # MoE models: routing success on the eval split
         metrics.update(routing_metrics(model, split(cfg.eval.split), cfg.eval.max_examples))
+    return metrics
+
+
+VIDEO_TASKS = {"video_two_tower": ("retrieval", "motion_probe"),
+               "video_mammut": ("retrieval", "motion_probe", "captioning"),
+               "mvgpt": ("next_utterance",)}
+
+
+def evaluate_video(cfg, model, tokenizer) -> Dict[str, float]:
+    """The summary metrics of a video run (``keras_mm.evaluation.video``): retrieval on the
+    ``eval.gallery_size``-clip gallery, the motion probe (and, with ``eval.baseline_run``, the
+    same probe and retrieval of the frame-averaging baseline run), video captioning, MV-GPT's
+    next-utterance generation."""
+    import dataclasses
+
+    from keras_mm.evaluation import video as video_eval
+    from keras_mm.pipelines import datasets
+
+    folder = cfg.eval.folder or cfg.data.folder
+    kind = cfg.model.kind
+    bad = [t for t in cfg.eval.tasks if t not in VIDEO_TASKS[kind]]
+    if bad:
+        raise config_lib.ConfigError(f"eval.tasks: {bad} do not apply to model.kind {kind!r}; "
+                                     f"valid: {', '.join(VIDEO_TASKS[kind])}")
+    input_cfg = dataclasses.replace(cfg.data.input, batch_size=cfg.eval.batch_size)
+
+    def split(name, **overrides):
+        return datasets.video_eval_dataset(folder, name,
+                                           dataclasses.replace(input_cfg, **overrides),
+                                           tokenizer=tokenizer)
+
+    def run_tasks(model, prefix=""):
+        out: Dict[str, float] = {}
+        embed_video, embed_text = (embed_functions(model) if kind != "mvgpt"
+                                   else (None, None))
+        for task in cfg.eval.tasks:
+            if task == "retrieval":
+                got = video_eval.evaluate_video_retrieval(
+                    embed_video, embed_text, split(cfg.eval.split, eval_texts="all"),
+                    gallery_size=cfg.eval.gallery_size)
+            elif task == "motion_probe":
+                got = video_eval.evaluate_motion_probe(
+                    embed_video, split(cfg.eval.probe_train_split),
+                    split(cfg.eval.probe_val_split), split(cfg.eval.split),
+                    max_train=cfg.eval.probe_max_train)
+            elif task == "captioning":
+                if prefix:
+                    continue
+                got = _video_captions(cfg, model, tokenizer, input_cfg, folder)
+            else:   # next_utterance
+                got = video_eval.evaluate_next_utterance(
+                    _next_utterance_fn(cfg, model), datasets.video_caption_eval_dataset(
+                        folder, cfg.eval.split, input_cfg, tokenizer=tokenizer),
+                    tokenizer, max_examples=cfg.eval.max_examples)
+            out.update({prefix + k: float(v) for k, v in got.items()})
+        return out
+
+    metrics = run_tasks(model)
+    if cfg.eval.baseline_run:
+        base_cfg = load_run_config(cfg.eval.baseline_run)
+        base_cfg = dataclasses.replace(base_cfg, eval=dataclasses.replace(
+            cfg.eval, baseline_run=None, tasks=tuple(
+                t for t in cfg.eval.tasks if t in ("retrieval", "motion_probe"))))
+        base = restore(base_cfg, tokenizer)
+        got = run_tasks(base, prefix="frame_average_")
+        metrics.update(got)
+        if "frame_average_motion_probe_top1" in got:
+            metrics["motion_probe_frame_average_top1"] = got["frame_average_motion_probe_top1"]
+    return {k: v for k, v in metrics.items()
+            if reported(k) or k.startswith(("frame_average_retrieval", "next_"))}
+
+
+def _next_utterance_fn(cfg, model):
+    """(video, current ids) -> generated future-utterance ids (numpy), compiled once on TF."""
+    c = cfg.model.captioner
+    kwargs = dict(method=c.decode, beam_size=c.beam_size, length_penalty=c.length_penalty,
+                  max_length=c.max_decode_len)
+
+    def run(video, current):
+        return model.generate(video, current, **kwargs)
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        compiled = tf.function(run, reduce_retracing=True)
+        return lambda video, current: compiled(video, current).numpy()
+    return lambda video, current: keras.ops.convert_to_numpy(run(video, current))
+
+
+def _video_captions(cfg, model, tokenizer, input_cfg, folder) -> Dict[str, float]:
+    """Caption metrics of a video captioner's greedy (or configured) captions of the clips."""
+    from keras_mm.evaluation import caption_eval
+    from keras_mm.evaluation.video import as_image_batches
+    from keras_mm.pipelines import datasets
+
+    c = cfg.model.captioner
+    dataset = datasets.video_caption_eval_dataset(folder, cfg.eval.split, input_cfg)
+    metrics, samples = caption_eval.evaluate_captions(
+        model, as_image_batches(dataset), tokenizer, method=c.decode, beam_size=c.beam_size,
+        length_penalty=c.length_penalty, max_length=c.max_decode_len,
+        max_examples=cfg.eval.max_examples)
+    if samples is not None:
+        from keras_mm.evaluation.caption_samples import write_caption_samples
+
+        clips = samples["images"]                               # [B, T, H, W, 3]
+        write_caption_samples(os.path.join(cfg.train.out_dir, "tensorboard", "eval"),
+                              cfg.train.steps, clips[:, clips.shape[1] // 2],
+                              samples["predictions"], samples["references"])
     return metrics
 
 
@@ -451,6 +621,12 @@ def model_name(cfg) -> str:
     """The summary's model name: ``two_tower_sigmoid``, ``two_tower_softmax_lit``, ``coca``,
     ``mammut_focal``, ``cappa_blind``..."""
     m = cfg.model
+    if m.kind == "mvgpt":
+        return "mvgpt" + ("" if m.video.mvgpt_backward else "_forward_only") + (
+            "" if m.video.mvgpt_use_frames else "_no_frames")
+    if m.kind in VIDEO_KINDS:
+        name = m.kind + ("_frame_average" if m.video.encoder == "frame_average" else "")
+        return name + (f"_{m.loss}" if m.kind == "video_two_tower" else "")
     if m.kind in CAPTIONER_KINDS:
         name = m.kind + ("_focal" if m.kind == "mammut" and
                          m.captioner.contrastive == "focal" else "")
