@@ -28,6 +28,7 @@ from keras_mm.pipelines import features as F
 NAMESPACE = "kmm"
 TOKENIZER_FILE = "tokenizer.model"
 CLASSNAMES_FILE = "classnames.txt"
+FEATURES_FILE = "features.json"      # tfds metadata written by BuildDataset
 DEFAULT_MAX_SENTENCES = 1_000_000
 _SENTENCES_COUNTER = "tokenizer_sentences_trained"
 
@@ -37,7 +38,17 @@ def _join(folder: str, name: str) -> str:
 
 
 def detect_kind(folder: str) -> str:
-    """``label_as_text`` if the folder holds ``classnames.txt``, else ``image_text``."""
+    """``video_tubes`` if the folder's tfds ``features.json`` describes video records, else
+    ``label_as_text`` if the folder holds ``classnames.txt``, else ``image_text``."""
+    features_path = _join(folder, FEATURES_FILE)
+    if FileSystems.exists(features_path):
+        import json
+
+        with FileSystems.open(features_path) as f:
+            spec = json.loads(f.read().decode("utf-8"))
+        top = spec.get("featuresDict", {}).get("features", {})
+        if "video" in top:
+            return F.VIDEO_TUBES
     return F.LABEL_AS_TEXT if FileSystems.exists(_join(folder, CLASSNAMES_FILE)) else F.IMAGE_TEXT
 
 
@@ -52,7 +63,10 @@ class _ExtractTexts(beam.DoFn):
     def process(self, serialized: bytes) -> Iterable[str]:
         record = F.deserialize(serialized, self._kind)
         self._records.inc()
-        for text in record[F.TEXTS]:
+        texts = list(record[F.TEXTS])
+        if self._kind == F.VIDEO_TUBES:     # MV-GPT's transcripts are text the model reads too
+            texts += [record.get(F.TRANSCRIPT_CURRENT), record.get(F.TRANSCRIPT_FUTURE)]
+        for text in texts:
             if text:
                 self._captions.inc()
                 yield text

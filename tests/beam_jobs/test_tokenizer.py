@@ -114,3 +114,22 @@ def test_run_errors(tmp_path):
         job.run(["--dataset", str(tmp_path), "--vocab_size", "0"])
     with pytest.raises(job_flags.FlagError, match="--no_such_flag"):
         job.run(["--dataset", str(tmp_path), "--no_such_flag=1"])
+
+
+def test_run_on_a_video_folder_learns_captions_and_transcripts(tmp_path):
+    """A moving-digits folder is detected as video (its tfds features.json) and the tokenizer
+    learns the transcripts too: every word of the grammar becomes one piece."""
+    from keras_mm.beam_jobs import video_tubes
+
+    folder = str(tmp_path / "clips")
+    video_tubes.run(["--source", "moving-digits", "--out", folder, "--num_train", "60",
+                     "--num_validation", "0", "--num_test", "0"])
+    assert job.detect_kind(folder) == F.VIDEO_TUBES
+    os.remove(os.path.join(folder, "tokenizer.model"))
+    summary = job.run(["--dataset", folder, "--vocab_size", "400", "--model_type", "bpe"])
+    records = [F.deserialize(r.numpy(), F.VIDEO_TUBES)
+               for r in tf.data.TFRecordDataset(tf.io.gfile.glob(folder + "/train.*"))]
+    assert summary["sentences"] == sum(len(r[F.TEXTS]) + 2 for r in records)
+    sp = spm.SentencePieceProcessor(model_proto=open(os.path.join(folder, "tokenizer.model"),
+                                                     "rb").read())
+    assert len(sp.encode("here")) == 1         # a transcript-only word ("here is a large 4")
