@@ -46,3 +46,13 @@ def test_video_demo(tmp_path):
     assert summary["model"] == "mvgpt" and summary["metrics"]["next_count"] == 64
     exported = _kmm("export", "--run", run, "--base_dir", str(tmp_path / "saved"))
     assert "next_utterance" in exported.stdout
+
+    # MaMMUT video on the same clips: caption metrics of its generated captions.
+    run = str(tmp_path / "mammut_video")
+    trained = _kmm("train", "--recipe", "mammut_video_moving_digits", "--set",
+                   f"data.folder={out / 'moving_digits'}", "--set", f"train.out_dir={run}",
+                   *SHORT, "--set", "eval.batch_size=64", "--set", "eval.max_examples=64",
+                   "--set", "eval.tasks=captioning")
+    metrics = json.load(open(os.path.join(run, "summary.json")))["metrics"]
+    assert {"cider", "bleu4", "meteor", "rouge_l"} <= set(metrics), trained.stdout[-2000:]
+    assert os.listdir(os.path.join(run, "tensorboard", "eval"))      # sample captions

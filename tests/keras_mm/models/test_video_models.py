@@ -15,7 +15,9 @@ from keras_mm.models.video import (build_mvgpt, build_video_mammut, build_video_
                                    frame_vit_config)
 from tests.keras_mm.serialization import assert_serialization_round_trip
 
-pytestmark = pytest.mark.both_backends
+# Model-level tests run on both backends (tests/keras_mm/test_jax_backend.py); the three that
+# fit for many steps run on TensorFlow only, to bound the JAX rerun (their forward passes, losses
+# and generation are checked on both by the others).
 V, L, P, B = 30, 8, 6, 4
 # 4 x 16 x 16 clips: a 2 x 8 x 8 tube (8 tokens) and 8 x 8 image patches on every other frame
 # (8 tokens).
@@ -75,6 +77,7 @@ def _mammut(encoder, **kwargs):
                               decoder_overrides=dict(DECODER, depth=2), **kwargs)
 
 
+@pytest.mark.both_backends
 def test_builders_pick_the_video_towers():
     tube = _two_tower("tubevit")
     assert isinstance(tube.image_encoder, TubeViTEncoder) and tube.visual_key == "video"
@@ -137,6 +140,7 @@ def test_video_mammut_trains_and_serializes():
     assert loaded.visual_key == "video" and loaded.family == "mammut"
 
 
+@pytest.mark.both_backends
 def test_video_mammut_frame_average_runs():
     model = _mammut("frame_average", contrastive="focal")
     out = model({"video": _video(), "text": _text()})
@@ -174,6 +178,7 @@ def _memory_by_hand(model, video, utterance):
     return model.encoder(x, attention_mask=mask), mask
 
 
+@pytest.mark.both_backends
 def test_mvgpt_forward_loss_is_the_future_given_frames_and_present():
     model = _mvgpt()
     batch = _batch()
@@ -195,6 +200,7 @@ def test_mvgpt_forward_loss_is_the_future_given_frames_and_present():
     assert np.abs(_np(model(changed)["logits"]) - _np(out["logits"])).max() > 1e-4
 
 
+@pytest.mark.both_backends
 def test_mvgpt_backward_pass_decodes_the_present_from_bos_b_given_the_future():
     model = _mvgpt()
     assert model.bos_b_id == V and model.decoder.extra_tokens == 1
@@ -219,6 +225,7 @@ def test_mvgpt_backward_pass_decodes_the_present_from_bos_b_given_the_future():
                   - logits).max() > 1e-4
 
 
+@pytest.mark.both_backends
 def test_mvgpt_loss_weights_and_forward_only_ablation():
     batch = _batch()
     full = _mvgpt()
@@ -239,6 +246,7 @@ def test_mvgpt_loss_weights_and_forward_only_ablation():
     np.testing.assert_allclose(_np(out_only["logits"]), _np(out["logits"]), atol=1e-6)
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("encoder", ["tubevit", "frame_average"])
 def test_mvgpt_sees_the_frames_unless_use_frames_is_false(encoder):
     batch = _batch()
@@ -274,6 +282,7 @@ def _full_redecode(model, context, context_mask, start, length):
     return expected
 
 
+@pytest.mark.both_backends
 def test_mvgpt_generation_equals_full_redecoding_and_never_emits_bos_b():
     model = _mvgpt()
     batch = _batch()
@@ -311,6 +320,7 @@ def test_mvgpt_fit_reduces_both_losses():
         assert history[key][-1] < 0.7 * history[key][0], (key, history[key])
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("kwargs", [{}, {"use_frames": False, "backward": False},
                                     {"encoder": "frame_average"}])
 def test_mvgpt_serialization_round_trip(kwargs):
