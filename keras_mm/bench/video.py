@@ -67,10 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args) -> Dict:
     tiny = args.preset == "tiny"
+    def given(value, default):
+        return default if value is None else value
+
     sizes = {"preset": args.preset,
-             "num_frames": args.num_frames or (8 if tiny else 32),
-             "image_size": args.image_size or (32 if tiny else 224),
-             "batch_size": args.batch_size or (64 if tiny else 8),
+             "num_frames": given(args.num_frames, 8 if tiny else 32),
+             "image_size": given(args.image_size, 32 if tiny else 224),
+             "batch_size": given(args.batch_size, 64 if tiny else 8),
              "tubes": args.tubes or ("clip8" if tiny else None)}
     encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
     bad = [e for e in encoders if e not in ENCODERS]
@@ -131,9 +134,11 @@ def video_tower_flops(model, sizes: Dict, encoder: str) -> float:
             embed += 6.0 * kernel[0] * kernel[1] * kernel[2] * 3 * w * count
         return transformer_flops(n, w, m, depth) + embed
     vit = tower.image_encoder
-    w, m, depth, p = vit.width, vit.mlp_dim, vit.depth, vit.patch_size
-    n = (sizes["image_size"] // p) ** 2
-    per_frame = transformer_flops(n, w, m, depth) + 6.0 * p * p * 3 * w * n
+    w, m, depth = vit.width, vit.mlp_dim, vit.depth
+    ph, pw = (vit.patch_size, vit.patch_size) if isinstance(vit.patch_size, int) else (
+        tuple(vit.patch_size))
+    n = (sizes["image_size"] // ph) * (sizes["image_size"] // pw)
+    per_frame = transformer_flops(n, w, m, depth) + 6.0 * ph * pw * 3 * w * n
     return sizes["num_frames"] * per_frame
 
 
