@@ -37,7 +37,6 @@ import logging
 import posixpath
 import re
 import tarfile
-import time
 import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -732,23 +731,12 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
             train_captions=None if scenes else tokenizer, extra_files=extra_files,
             description=description)
 
-    start = time.time()
-    job_flags.run_pipeline(build, options)
-    seconds = time.time() - start
-    stats = dataset_writer.read_stats(args.out)
-    return {"job": "image-text", "source": args.source, "out": args.out,
-            "seconds": round(seconds, 3),
-            "records_per_second": round(stats["inputs"] / max(seconds, 1e-9), 2), **stats}
+    return job_flags.run_dataset_job(build, options, job="image-text", source=args.source,
+                                     out=args.out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        summary = run(argv)
-    except job_flags.FlagError as e:
-        print(f"error: {e}")
-        return 2
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
-    return 0
+    return job_flags.main_for(run, argv)
 
 
 if __name__ == "__main__":

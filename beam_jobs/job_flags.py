@@ -135,6 +135,32 @@ def run_pipeline(build: Callable, options: "PipelineOptions", name: str = "job")
     return {"seconds": seconds}
 
 
+def run_dataset_job(build: Callable, options: "PipelineOptions", *, job: str, source: str,
+                    out: str, name: str = "job") -> Dict:
+    """Runs a dataset-writing pipeline (``run_pipeline``) and returns its summary: job, source,
+    out, seconds, records/s and the ``stats.json`` counts the pipeline wrote."""
+    from keras_mm.beam_jobs import dataset_writer
+
+    seconds = run_pipeline(build, options, name=name)["seconds"]
+    stats = dataset_writer.read_stats(out)
+    return {"job": job, "source": source, "out": out, "seconds": round(seconds, 3),
+            "records_per_second": round(stats["inputs"] / max(seconds, 1e-9), 2), **stats}
+
+
+def main_for(run: Callable, argv: Optional[Sequence[str]] = None) -> int:
+    """A job's ``main``: ``run(argv)``'s summary as JSON, or ``error: ...`` and exit status 2
+    for bad flags."""
+    import json
+
+    try:
+        summary = run(argv)
+    except FlagError as e:
+        print(f"error: {e}")
+        return 2
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
 def output_flags(args: argparse.Namespace) -> List[str]:
     """Human-readable echo of the main choices, for the job's start-up line."""
     return [f"out={args.out}", f"splits={args.split_fractions}",

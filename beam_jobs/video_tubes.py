@@ -56,7 +56,6 @@ import io
 import json
 import logging
 import os
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -610,23 +609,12 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
                  records_per_shard=args.records_per_shard, image_options=image_options,
                  train_captions=tokenizer, extra_files=extra_files, description=description))
 
-    start = time.time()
-    job_flags.run_pipeline(build, beam_options, name="video")
-    seconds = time.time() - start
-    stats = dataset_writer.read_stats(args.out)
-    return {"job": "video", "source": args.source, "out": args.out,
-            "seconds": round(seconds, 3),
-            "records_per_second": round(stats["inputs"] / max(seconds, 1e-9), 2), **stats}
+    return job_flags.run_dataset_job(build, beam_options, job="video", source=args.source,
+                                     out=args.out, name="video")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        summary = run(argv)
-    except job_flags.FlagError as e:
-        print(f"error: {e}")
-        return 2
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
-    return 0
+    return job_flags.main_for(run, argv)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,18 @@ def _count_flags(name: str, value: Optional[str]) -> list:
     return flags
 
 
+def _generated_data(job_run, source: str, data_dir: str, count_flags: list,
+                    vocab_size: Optional[int]) -> Dict:
+    """Runs a data job on a generated source into ``data_dir``, unless an earlier run finished
+    there (its tokenizer exists); the job's summary, or ``{"written": "reused"}``."""
+    if os.path.exists(os.path.join(data_dir, "tokenizer.model")):
+        return {"written": "reused"}
+    flags = ["--source", source, "--out", data_dir] + list(count_flags)
+    if vocab_size:
+        flags += ["--vocab_size", str(vocab_size)]
+    return job_run(flags)
+
+
 def _stage(number: int, text: str) -> None:
     print(f"[{number}/5] {text}", flush=True)
 
@@ -291,14 +303,8 @@ def run_captioner(args) -> Dict:
     run_dir = os.path.join(out, "run")
 
     _stage(1, f"digit-scenes Beam job -> {data_dir}")
-    if os.path.exists(os.path.join(data_dir, "tokenizer.model")):
-        data = {"written": "reused"}
-    else:
-        flags = ["--source", "digit-scenes", "--out", data_dir]
-        flags += _count_flags("--scenes", args.scenes)
-        if args.vocab_size:
-            flags += ["--vocab_size", str(args.vocab_size)]
-        data = image_text.run(flags)
+    data = _generated_data(image_text.run, "digit-scenes", data_dir,
+                           _count_flags("--scenes", args.scenes), args.vocab_size)
 
     _stage(2, f"training recipe {args.recipe} -> {run_dir} (resumes if interrupted)")
     cfg = config_lib.override(config_lib.get_recipe(args.recipe),
@@ -376,14 +382,8 @@ def run_video(args) -> Dict:
     base_dir, run_dir = os.path.join(out, "run_frame_average"), os.path.join(out, "run")
 
     _stage(1, f"moving-digits Beam job -> {data_dir}")
-    if os.path.exists(os.path.join(data_dir, "tokenizer.model")):
-        data = {"written": "reused"}
-    else:
-        flags = ["--source", "moving-digits", "--out", data_dir]
-        flags += _count_flags("--clips", args.clips)
-        if args.vocab_size:
-            flags += ["--vocab_size", str(args.vocab_size)]
-        data = video_tubes.run(flags)
+    data = _generated_data(video_tubes.run, "moving-digits", data_dir,
+                           _count_flags("--clips", args.clips), args.vocab_size)
 
     _stage(2, f"training the frame-averaging baseline ({VIDEO_BASELINE_RECIPE} -> {base_dir}), "
               f"then {args.recipe} -> {run_dir} (both resume if interrupted)")

@@ -599,14 +599,20 @@ def _flip_text_keys(config: VideoInputConfig) -> Tuple[str, ...]:
     return keys
 
 
+def _sample_and_decode(config: VideoInputConfig, mode: str) -> List[image_ops.Op]:
+    """Ops keeping ``num_frames`` of the encoded frames (``mode`` sampling), then decoding only
+    those into ``video`` uint8 ``[T, H, W, 3]``."""
+    return [video_ops.sample_frames(config.num_frames, mode, stride=config.frame_stride,
+                                    key=F.VIDEO_FRAMES),
+            video_ops.decode_frames(F.VIDEO_FRAMES, "video")]
+
+
 def train_video_ops(config: VideoInputConfig) -> image_ops.Op:
     """``video/frames`` -> ``video`` float32 ``[T, S, S, 3]`` for training (needs ``_seed``):
     sample ``num_frames`` of the encoded frames, decode only those, crop, optionally flip (with
     the captions' / transcripts' left-right swap), value range."""
     size = config.image_size
-    ops = [video_ops.sample_frames(config.num_frames, config.temporal_sampling,
-                                   stride=config.frame_stride, key=F.VIDEO_FRAMES),
-           video_ops.decode_frames(F.VIDEO_FRAMES, "video")]
+    ops = _sample_and_decode(config, config.temporal_sampling)
     if config.video_augment == "none":
         ops.append(video_ops.resize(size, antialias=config.resize_antialias))
     else:
@@ -622,9 +628,7 @@ def train_video_ops(config: VideoInputConfig) -> image_ops.Op:
 def eval_video_ops(config: VideoInputConfig) -> image_ops.Op:
     """``video/frames`` -> ``video`` float32 ``[T, S, S, 3]`` for evaluation (deterministic)."""
     size = config.image_size
-    ops = [video_ops.sample_frames(config.num_frames, config.eval_temporal_sampling,
-                                   stride=config.frame_stride, key=F.VIDEO_FRAMES),
-           video_ops.decode_frames(F.VIDEO_FRAMES, "video")]
+    ops = _sample_and_decode(config, config.eval_temporal_sampling)
     if config.eval_mode == "resize":
         ops.append(video_ops.resize(size, antialias=config.resize_antialias))
     else:
