@@ -158,3 +158,86 @@ def build_mvgpt(preset="tiny", *, encoder="tubevit", vocab_size=None, max_len=No
     decoder = TextDecoder(**decoder_kwargs, name="decoder")
     return MVGPTModel(video, decoder, max_text_len=length, **model_kwargs,
                       name=f"mvgpt_{preset}")
+
+
+def initialize_video_tower(model, variables, *, resize="bilinear"):
+    """Initialises a built video model from another run's variables (``{path: array}``,
+    ``keras_mm.training.checkpoint.read_model_variables``): TubeViT's image-to-video path.
+
+    Variables are matched by their path below the model (``video_encoder/...``,
+    ``text_encoder/...``, ``logits/...``); a frame-average tower's ``frame_encoder/`` level is
+    dropped, so its transformer blocks, final norm, pooling head and projection load into a
+    TubeViT tower of the same sizes, its learned position table into the image tube of a
+    TubeViT with ``image_position_embedding=True`` (the MaMMUT video variant: the image tube's
+    tokens are then exactly the image ViT's), and its 2-D patch embedding is inflated into
+    every tube (``SparseTubeEmbedding.initialize_from_patch_embedding``: the kernel spread over
+    the tube's frames and resized to its spatial size; a static clip gives the 2-D embedding's
+    tokens). A frame-average or TubeViT tower of the same shape loads as is.
+
+    Every variable of the source's video tower must be used, and every variable of the target's
+    video tower must be set (the TubeViT position gate excepted: it starts at 0); outside the
+    video tower (text tower, logit scale, decoder), variables of equal path and shape are
+    copied and the rest keep their initialisation.
+
+    Returns:
+      ``{"copied": [paths], "inflated": [paths], "kept": [paths]}`` (target paths).
+
+    Raises:
+      ValueError: a path of both with different shapes (another preset or vocabulary), a
+        video-tower variable with no counterpart, or no video tower in the source.
+    """
+    import numpy as np
+
+    from keras_mm.layers.tube_embedding import SparseTubeEmbedding
+
+    tower = "video_encoder/"
+    prefix = next((p[:p.index(tower)] for p in variables if tower in p), None)
+    if prefix is None:
+        raise ValueError("the source checkpoint has no video tower (no 'video_encoder/' "
+                         "variables): initialise from a video model's run")
+    source = {}
+    for path, value in variables.items():
+        rel = path[len(prefix):] if path.startswith(prefix) else path
+        source[rel.replace(tower + "frame_encoder/", tower)] = np.asarray(value)
+    used = set()
+    report = {"copied": [], "inflated": [], "kept": []}
+    own = model.name + "/"
+    pending = []
+    for variable in model.variables:
+        rel = variable.path[len(own):] if variable.path.startswith(own) else variable.path
+        if rel in source:
+            value = source[rel]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(f"{rel}: the checkpoint's shape {tuple(value.shape)} differs "
+                                 f"from the model's {tuple(variable.shape)} (another preset, "
+                                 "tube set or tokenizer)")
+            pending.append((variable, value))
+            used.add(rel)
+            report["copied"].append(variable.path)
+        elif rel.startswith(tower + "tube_embedding/"):
+            report["inflated"].append(variable.path)
+        elif rel.startswith(tower) and not rel.endswith("position_gate"):
+            raise ValueError(f"{rel}: the checkpoint's video tower has no such variable (its "
+                             "architecture differs: pooling, depth, or a position table that "
+                             "needs model.video.image_position_embedding=true)")
+        else:
+            report["kept"].append(variable.path)
+    patch = {k: tower + f"patch_embedding/{k}" for k in ("kernel", "bias")}
+    tubes = [layer for layer in model._flatten_layers() if isinstance(layer, SparseTubeEmbedding)]
+    if report["inflated"]:
+        if patch["kernel"] not in source or len(tubes) != 1:
+            raise ValueError("the model's tubes need a 2-D patch embedding to inflate, and the "
+                             "checkpoint has none")
+        used.update(k for k in patch.values() if k in source)
+    unused = sorted(k for k in source if k.startswith(tower) and k not in used)
+    if unused:
+        raise ValueError(f"the checkpoint's video tower has variables the model lacks: "
+                         f"{', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''} (its "
+                         "architecture differs; a learned position table needs "
+                         "model.video.image_position_embedding=true)")
+    for variable, value in pending:
+        variable.assign(value)
+    if report["inflated"]:
+        tubes[0].initialize_from_patch_embedding(source[patch["kernel"]],
+                                                 source.get(patch["bias"]), resize=resize)
+    return report

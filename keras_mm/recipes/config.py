@@ -152,6 +152,10 @@ class VideoConfig:
         the frames and the future one, BOS-B); false: the forward-only ablation.
       mvgpt_use_frames: false: the no-frames ablation (the encoder sees only the utterance).
       mvgpt_backward_weight: weight of the backward loss (the forward one has weight 1).
+      image_position_embedding: TubeViT with the image model's learned position table on its
+        2-D image tube plus the fixed tube embeddings through a gate (the MaMMUT video variant;
+        always on for "video_mammut"): what ``model.init_checkpoint`` from a frame-average run
+        needs to load that run's position table.
     """
 
     encoder: Literal["tubevit", "frame_average"] = "tubevit"
@@ -159,6 +163,7 @@ class VideoConfig:
     mvgpt_backward: bool = True
     mvgpt_use_frames: bool = True
     mvgpt_backward_weight: float = 1.0
+    image_position_embedding: bool = False
 
 
 @dataclasses.dataclass
@@ -172,7 +177,10 @@ class ModelConfig:
       loss: "sigmoid" (SigLIP) or "softmax" (CLIP).
       chunked: SigLIP's chunked loss (logits in memory stay [local batch, local batch]).
       lit: LiT: lock the image tower (and initialise it from ``init_checkpoint``).
-      init_checkpoint: a saved Keras image encoder / classifier to initialise the image tower from.
+      init_checkpoint: a saved Keras image encoder / classifier to initialise the image tower
+        from; for the video models, another video run (its out_dir, checkpoints folder or one
+        ckpt-N) whose video tower (a frame-average one is inflated into TubeViT's tubes), text
+        tower and logit scale start a fresh run (``models.video.initialize_video_tower``).
       embed_dim: shared embedding width; None: the preset's.
       remat: rematerialise each transformer block in the backward pass.
       stem: the image encoder's stem: "patch" (ViT's patchify convolution) or "conv" (Xiao et

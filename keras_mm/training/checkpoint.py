@@ -499,6 +499,34 @@ def restore_latest(model, optimizer, directory):
     return Checkpointer(directory, write=False).restore_latest(model, optimizer)
 
 
+def read_model_variables(path):
+    """The model variables of a checkpoint as ``{variable path: array}`` (paths as Keras names
+    them, e.g. ``video_two_tower_tiny/video_encoder/encoder/block_0/norm1/gamma``), to
+    initialise another model from (``keras_mm.models.video.initialize_video_tower``).
+
+    ``path``: a checkpoint (``.../checkpoints/ckpt-00001500``), a checkpoints folder or a run's
+    ``train.out_dir`` (their newest complete checkpoint).
+
+    Raises:
+      CheckpointError: no complete checkpoint there.
+    """
+    path = str(path)
+    checker = Checkpointer(path, write=False)
+    manifest = checker.verify(path) if _exists(os.path.join(path, MANIFEST_FILE)) else None
+    if manifest is None:
+        for folder in (os.path.join(path, "checkpoints"), path):
+            info = Checkpointer(folder, write=False).latest() if _exists(folder) else None
+            if info is not None:
+                path, manifest = info.path, info.manifest
+                break
+    if manifest is None:
+        raise CheckpointError(f"{path}: no complete checkpoint (give a ckpt-N folder, a "
+                              "checkpoints folder or a run's out_dir)")
+    with np.load(io.BytesIO(_read_bytes(os.path.join(path, STATE_FILE)))) as npz:
+        return {entry["path"]: _decode(npz[f"model/{i:05d}"], entry["dtype"])
+                for i, entry in enumerate(manifest["model_variables"])}
+
+
 # ------------------------------------------------------------------------------- input position
 def batches_per_step(input_context=None, strategy=None):
     """Batches one input pipeline yields per train step.

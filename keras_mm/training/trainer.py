@@ -153,9 +153,8 @@ def _build_video(cfg, tokenizer):
     from keras_mm.models import video as video_models
 
     m, v, data = cfg.model, cfg.model.video, cfg.data.input
-    if m.lit or m.chunked or m.init_checkpoint:
-        raise config_lib.ConfigError(f"model.kind {m.kind!r} has no LiT / chunked / "
-                                     "init_checkpoint mode")
+    if m.lit or m.chunked:
+        raise config_lib.ConfigError(f"model.kind {m.kind!r} has no LiT / chunked mode")
     if m.kind != "video_two_tower" and not data.add_bos:
         raise config_lib.ConfigError(f"model.kind {m.kind!r} decodes from BOS: set "
                                      "data.input.add_bos=true")
@@ -164,6 +163,11 @@ def _build_video(cfg, tokenizer):
                                      "do not apply (the video tower's tubes set its tokens)")
     video_overrides = {"video_size": [data.num_frames, data.image_size, data.image_size],
                        "remat": m.remat}
+    if v.image_position_embedding:
+        if v.encoder != "tubevit":
+            raise config_lib.ConfigError("model.video.image_position_embedding is a TubeViT "
+                                         "option (model.video.encoder=tubevit)")
+        video_overrides["image_position_embedding"] = True
     if v.tubes:
         from keras_mm.encoders import presets
 
@@ -187,6 +191,22 @@ def _build_video(cfg, tokenizer):
         m.preset, backward=v.mvgpt_backward, use_frames=v.mvgpt_use_frames,
         backward_weight=v.mvgpt_backward_weight, max_current_len=data.max_current_len,
         label_smoothing=c.label_smoothing, **common)
+
+
+def _init_video_tower(model, path):
+    """A fresh video run starts from ``model.init_checkpoint`` (image-to-video for TubeViT)."""
+    from keras_mm.models import video as video_models
+    from keras_mm.training import checkpoint
+
+    try:
+        report = video_models.initialize_video_tower(model, checkpoint.read_model_variables(path))
+    except (ValueError, checkpoint.CheckpointError) as e:
+        raise config_lib.ConfigError(f"model.init_checkpoint: {e}") from e
+    LOG.info("initialised from %s: %d variables copied, %d tube kernels / biases inflated from "
+             "the 2-D patch embedding, %d kept at their initialisation (%s)", path,
+             len(report["copied"]), len(report["inflated"]), len(report["kept"]),
+             ", ".join(p.split("/", 1)[-1] for p in report["kept"][:6]) or "none")
+    return report
 
 
 def _stem_overrides(m):
@@ -299,6 +319,8 @@ def train(cfg, *, extra_callbacks=(), verbose="auto"):
                                                          precision=cfg.train.precision),
                       jit_compile=cfg.train.jit_compile,
                       steps_per_execution=cfg.train.steps_per_execution)
+    if initial_step == 0 and cfg.model.kind in VIDEO_KINDS and cfg.model.init_checkpoint:
+        _init_video_tower(model, cfg.model.init_checkpoint)
     log_dir = os.path.join(cfg.train.out_dir, "tensorboard")
     callbacks = cb.training_callbacks(ckpt, initial_step, cfg.train.checkpoint_every,
                                       log_dir=log_dir, log_every=cfg.train.log_every,
