@@ -180,10 +180,26 @@ def _stage(number: int, text: str) -> None:
     print(f"[{number}/5] {text}", flush=True)
 
 
+def _export_stage(out: str, cfg, model, templates, **kwargs):
+    """Stage 4: exports ``model`` to ``<out>/saved_models/<export name>/1`` (an older export
+    there is replaced). Returns ``(export_dir, tokenizer)``."""
+    import shutil
+
+    from keras_mm.training import trainer
+    from keras_mm.training.commands import export_model
+
+    export_dir = os.path.join(out, "saved_models", cfg.export.name or cfg.name, "1")
+    _stage(4, f"export -> {export_dir}")
+    if os.path.exists(export_dir):
+        shutil.rmtree(export_dir)
+    tokenizer = trainer.load_tokenizer(cfg)
+    export_model(model, tokenizer, cfg.data.input, templates, export_dir, **kwargs)
+    return export_dir, tokenizer
+
+
 def run(argv: Optional[Sequence[str]] = None) -> Dict:
     from keras_mm.beam_jobs import label_as_text
     from keras_mm.evaluation.zero_shot import load_class_names, load_eval_templates
-    from keras_mm.training.commands import export_model
     from keras_mm.recipes import config as config_lib
     from keras_mm.training import trainer
 
@@ -214,16 +230,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     _stage(3, "zero-shot evaluation with the eval templates on the test digits: "
               f"top-1 {summary['metrics'].get('zero_shot_top1', float('nan')):.3f}")
 
-    name = cfg.export.name or cfg.name
-    export_dir = os.path.join(out, "saved_models", name, "1")
-    _stage(4, f"export -> {export_dir}")
-    if os.path.exists(export_dir):
-        import shutil
-
-        shutil.rmtree(export_dir)
-    export_model(model, trainer.load_tokenizer(cfg), cfg.data.input,
-                 load_eval_templates(data_dir), export_dir,
-                 class_names=load_class_names(data_dir))
+    export_dir, _ = _export_stage(out, cfg, model, load_eval_templates(data_dir),
+                                  class_names=load_class_names(data_dir))
 
     _stage(5, "classifying the test digits with the export in a fresh process "
               "(tensorflow + tensorflow_text only)")
@@ -295,7 +303,6 @@ def run_captioner(args) -> Dict:
     from keras_mm.beam_jobs import digit_scenes, image_text, sample_photos
     from keras_mm.recipes import config as config_lib
     from keras_mm.training import trainer
-    from keras_mm.training.commands import export_model
 
     start = time.time()
     out = os.path.abspath(args.out)
@@ -316,16 +323,8 @@ def run_captioner(args) -> Dict:
         f"{k} {metrics[k]:.3f}" for k in ("cider", "bleu4", "meteor", "rouge_l",
                                           "retrieval_i2t_r1", "vqa_accuracy") if k in metrics))
 
-    name = cfg.export.name or cfg.name
-    export_dir = os.path.join(out, "saved_models", name, "1")
-    _stage(4, f"export -> {export_dir}")
-    if os.path.exists(export_dir):
-        import shutil
-
-        shutil.rmtree(export_dir)
-    tokenizer = trainer.load_tokenizer(cfg)
-    export_model(model, tokenizer, cfg.data.input, ["{}"], export_dir,
-                 captioner=cfg.model.captioner)
+    export_dir, tokenizer = _export_stage(out, cfg, model, ["{}"],
+                                          captioner=cfg.model.captioner)
 
     _stage(5, "captioning test scenes and real photos with the export in a fresh process "
               "(tensorflow + tensorflow_text only)")
@@ -374,7 +373,6 @@ def run_video(args) -> Dict:
     from keras_mm.pipelines import datasets
     from keras_mm.recipes import config as config_lib
     from keras_mm.training import trainer
-    from keras_mm.training.commands import export_model
 
     start = time.time()
     out = os.path.abspath(args.out)
@@ -401,15 +399,7 @@ def run_video(args) -> Dict:
             "retrieval_t2i_r1", "frame_average_retrieval_t2i_r1", "motion_probe_top1",
             "motion_probe_frame_average_top1") if k in metrics))
 
-    name = cfg.export.name or cfg.name
-    export_dir = os.path.join(out, "saved_models", name, "1")
-    _stage(4, f"export -> {export_dir}")
-    if os.path.exists(export_dir):
-        import shutil
-
-        shutil.rmtree(export_dir)
-    tokenizer = trainer.load_tokenizer(cfg)
-    export_model(model, tokenizer, cfg.data.input, ["{}"], export_dir)
+    export_dir, tokenizer = _export_stage(out, cfg, model, ["{}"])
 
     count = int(cfg.eval.gallery_size or 256)
     _stage(5, f"embedding {count} test clips and their captions with the export in a fresh "

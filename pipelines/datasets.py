@@ -110,6 +110,12 @@ class InputConfig:
       max_text_len: token sequence length L.
       add_bos: start token sequences with BOS (decoders); EOS always ends them.
       train_caption: "random" (one caption per example, uniformly) or "first".
+      hard_negatives: word groups for hard negative captions (NegCLIP; ``""``: none), groups
+        separated by "|", words by spaces, e.g. ``"0 1 2 3 4 5 6 7 8 9|small large|left
+        right"``: training batches then also hold ``text_negative`` (the chosen caption with
+        one grouped word swapped for another of its group, :func:`text_ops.hard_negative`,
+        tokenized like ``text``) and ``negative_valid`` (bool ``[B]``, false when the caption
+        has no grouped word). Image-text datasets with tokenized text only.
       eval_texts: "first" (``text`` [B, L]) or "all" (``texts`` [B, K, L] + ``num_texts``).
       eval_max_texts: K for eval_texts="all".
       batch_size: global batch size (per replica: divided by the replicas of an input context).
@@ -165,6 +171,7 @@ class InputConfig:
     max_text_len: int = 64
     add_bos: bool = False
     train_caption: str = "random"
+    hard_negatives: str = ""
     eval_texts: str = "first"
     eval_max_texts: int = 5
     batch_size: int = 256
@@ -239,6 +246,20 @@ class InputConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"InputConfig: {message}")
+        if self.hard_negatives:
+            if self.render_text or self.prompt_mixture:
+                raise ValueError("InputConfig: hard_negatives needs tokenized captions (no "
+                                 "render_text / prompt_mixture)")
+            try:
+                self.negative_groups()
+            except ValueError as e:
+                raise ValueError(f"InputConfig: hard_negatives: {e}") from e
+
+    def negative_groups(self) -> Tuple[Tuple[str, ...], ...]:
+        """The parsed ``hard_negatives`` word groups (empty: none)."""
+        if not self.hard_negatives.strip():
+            return ()
+        return text_ops.parse_word_groups(self.hard_negatives.split("|"))
 
 
 # ------------------------------------------------------------------------------ folder access
@@ -316,12 +337,26 @@ def load_tokenizer(folder: str, config: InputConfig) -> Tokenizer:
 # ------------------------------------------------------------------------------ preprocessing
 
 
-def _value_range_op(config: InputConfig):
+def _value_range_op(config: InputConfig, ops_module=image_ops):
+    """``config.value_range`` as an op of ``ops_module`` (``image_ops``, or ``video_ops`` for
+    ``video``)."""
     if config.value_range == "imagenet":
-        return image_ops.normalize_imagenet()
+        return ops_module.normalize_imagenet()
     if config.value_range == "0_1":
-        return image_ops.value_range(0.0, 1.0)
-    return image_ops.value_range(-1.0, 1.0)
+        return ops_module.value_range(0.0, 1.0)
+    return ops_module.value_range(-1.0, 1.0)
+
+
+def _eval_resize_ops(config: InputConfig, ops_module=image_ops) -> list:
+    """Evaluation's resize (``eval_mode="resize"``) or resize + centre crop, then the value
+    range, as ops of ``ops_module`` (``image_ops`` or ``video_ops``)."""
+    size, antialias = config.image_size, config.resize_antialias
+    if config.eval_mode == "resize":
+        resize = ops_module.resize(size, antialias=antialias)
+    else:
+        resize = ops_module.resize_center_crop(size, config.eval_resize_ratio,
+                                               antialias=antialias)
+    return [resize, _value_range_op(config, ops_module)]
 
 
 def train_image_ops(config: InputConfig) -> image_ops.Op:
@@ -344,15 +379,7 @@ def train_image_ops(config: InputConfig) -> image_ops.Op:
 
 def eval_image_ops(config: InputConfig) -> image_ops.Op:
     """``image/encoded`` -> ``image`` float32 ``[S, S, 3]`` for evaluation (deterministic)."""
-    size = config.image_size
-    ops = [image_ops.decode()]
-    if config.eval_mode == "resize":
-        ops.append(image_ops.resize(size, antialias=config.resize_antialias))
-    else:
-        ops.append(image_ops.resize_center_crop(size, config.eval_resize_ratio,
-                                                antialias=config.resize_antialias))
-    ops.append(_value_range_op(config))
-    return image_ops.compose(*ops)
+    return image_ops.compose(image_ops.decode(), *_eval_resize_ops(config))
 
 
 def _select(features: Dict[str, tf.Tensor], kind: str, extra: Tuple[str, ...] = (),
@@ -376,10 +403,21 @@ def _train_preprocess(kind: str, config: InputConfig, tokenizer: Tokenizer):
 
     prompts = prompt_mixture_op(config, tokenizer) if config.prompt_mixture else None
 
+    negatives = None
+    if config.negative_groups():
+        negative = text_ops.hard_negative(config.negative_groups(), key="text",
+                                          out_key="text_negative")
+        negative_ids = text_ops.tokenize(tokenizer, config.max_text_len, key="text_negative",
+                                         add_bos=config.add_bos, add_eos=True)
+        text_keys = text_keys + ("text_negative", "negative_valid")
+        negatives = image_ops.compose(negative, negative_ids)
+
     def fn(seed, serialized):
         features = dict(F.parse(serialized, kind))
         features[image_ops.SEED_KEY] = seed
         features = caption(images(features))
+        if negatives is not None:
+            features = negatives(features)
         if prompts is not None:
             features = prompts(features)
             text_keys_here = text_keys + ("prompt",)
@@ -584,14 +622,6 @@ NO_LABEL = -1            # the label of a video record without one (as features.
 VideoInputConfig = InputConfig
 
 
-def _video_value_range_op(config: InputConfig):
-    if config.value_range == "imagenet":
-        return video_ops.normalize_imagenet()
-    if config.value_range == "0_1":
-        return video_ops.value_range(0.0, 1.0)
-    return video_ops.value_range(-1.0, 1.0)
-
-
 def _flip_text_keys(config: VideoInputConfig) -> Tuple[str, ...]:
     keys = (F.TEXTS,)
     if config.transcripts:
@@ -621,21 +651,14 @@ def train_video_ops(config: VideoInputConfig) -> image_ops.Op:
                                                  antialias=config.resize_antialias))
     if config.video_flip:
         ops.append(video_ops.random_flip(text_keys=_flip_text_keys(config)))
-    ops.append(_video_value_range_op(config))
+    ops.append(_value_range_op(config, video_ops))
     return image_ops.compose(*ops)
 
 
 def eval_video_ops(config: VideoInputConfig) -> image_ops.Op:
     """``video/frames`` -> ``video`` float32 ``[T, S, S, 3]`` for evaluation (deterministic)."""
-    size = config.image_size
-    ops = _sample_and_decode(config, config.eval_temporal_sampling)
-    if config.eval_mode == "resize":
-        ops.append(video_ops.resize(size, antialias=config.resize_antialias))
-    else:
-        ops.append(video_ops.resize_center_crop(size, config.eval_resize_ratio,
-                                                antialias=config.resize_antialias))
-    ops.append(_video_value_range_op(config))
-    return image_ops.compose(*ops)
+    return image_ops.compose(*_sample_and_decode(config, config.eval_temporal_sampling),
+                             *_eval_resize_ops(config, video_ops))
 
 
 def _check_video_config(config) -> None:
@@ -647,6 +670,7 @@ def _check_video_config(config) -> None:
          "max_text_len must be >= 3 for the BOS + EOS future transcript"),
         (not config.render_text, "render_text does not apply to video"),
         (not config.prompt_mixture, "prompt_mixture does not apply to video"),
+        (not config.hard_negatives, "hard_negatives does not apply to video (yet)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -25,14 +25,17 @@ def _strings(values) -> List[str]:
 
 
 def generate_function(model, *, method="greedy", beam_size=4, length_penalty=0.6,
-                      max_length=None, with_prompt=False):
-    """A callable ``(images[, prompt]) -> token ids [B, T]`` numpy, compiled once on TF."""
+                      max_length=None, with_prompt=False, prompt_key="prompt"):
+    """A callable ``(images[, prompt]) -> token ids [B, T]`` numpy, compiled once on TF.
+
+    With ``with_prompt`` the second argument goes to ``model.generate`` as ``prompt_key``
+    (``"prompt"`` for the PaLI-style model, ``"current"`` for MV-GPT's present utterance)."""
     kwargs = dict(method=method, beam_size=beam_size, length_penalty=length_penalty,
                   max_length=max_length)
 
     def run(images, prompt=None):
         if with_prompt:
-            return model.generate(images, prompt=prompt, **kwargs)
+            return model.generate(images, **{prompt_key: prompt}, **kwargs)
         return model.generate(images, **kwargs)
 
     if keras.backend.backend() == "tensorflow":

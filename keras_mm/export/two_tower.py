@@ -69,6 +69,15 @@ PLACEHOLDER = "{}"
 # The four leading-byte checks of tf.io.decode_image (JPEG, PNG, GIF, BMP).
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF", b"BM")
 
+
+def is_encoded_image(data):
+    """bool tensor: which of the strings ``data`` (any shape) start as a JPEG, PNG, GIF or BMP
+    file (the leading bytes ``tf.io.decode_image`` checks); false for empty strings."""
+    ok = tf.zeros_like(data, dtype=tf.bool)
+    for magic in _IMAGE_MAGIC:
+        ok = tf.logical_or(ok, tf.equal(tf.strings.substr(data, 0, len(magic)), magic))
+    return ok
+
 # Documented signatures: name -> ({input: (dtype, shape)}, {output: (dtype, shape)}); None is an
 # unknown dimension (N images or texts, K labels), "D" the embedding dimension.
 SIGNATURES = {
@@ -212,10 +221,7 @@ class TwoTowerExportModule(tf.Module):
     def _decode_images(self, image_bytes):
         """string [N] -> float32 [N, S, S, 3], eval preprocessing per image (sizes differ)."""
         empty = tf.equal(tf.strings.length(image_bytes), 0)
-        is_image = tf.zeros_like(empty)
-        for magic in _IMAGE_MAGIC:
-            head = tf.strings.substr(image_bytes, 0, len(magic))
-            is_image = tf.logical_or(is_image, tf.equal(head, magic))
+        is_image = is_encoded_image(image_bytes)
         index = _first_bad(is_image)
         was_empty = tf.reduce_any(tf.logical_and(empty, tf.equal(tf.range(tf.size(empty)),
                                                                  index)))

@@ -137,9 +137,7 @@ class VideoExportModule(tf.Module):
         frames = two_tower._check(has_frames[tf.newaxis], tf.constant(
             "frames has no frame (shape [N, 0]): send at least one frame a clip"), frames)
         flat = tf.reshape(frames, [-1])                                        # [N * T]
-        ok = tf.fill(tf.shape(flat), False)
-        for magic in two_tower._IMAGE_MAGIC:
-            ok = tf.logical_or(ok, tf.equal(tf.strings.substr(flat, 0, len(magic)), magic))
+        ok = two_tower.is_encoded_image(flat)
         bad = two_tower._first_bad(ok)
         t_safe = tf.maximum(t, 1)
         message = tf.strings.format(

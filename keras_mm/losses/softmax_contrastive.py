@@ -37,6 +37,11 @@ def logit_scale(log_scale, max_scale=CLIP_MAX_LOGIT_SCALE):
     return ops.exp(log_scale)
 
 
+# A left-out column: exp(-1e9 - max) is exactly 0 in float32, and unlike -inf it keeps the
+# gradients of ops.where finite.
+_MASKED_LOGIT = -1e9
+
+
 def _local_labels(num_rows, label_offset):
     """[N] int32: the global column of each local row's positive, label_offset + i."""
     return ops.arange(num_rows, dtype="int32") + ops.cast(label_offset, "int32")
@@ -57,6 +62,8 @@ def softmax_contrastive_loss(
     global_text_emb=None,
     label_offset=0,
     max_scale=CLIP_MAX_LOGIT_SCALE,
+    global_negative_emb=None,
+    global_negative_valid=None,
 ):
     """CLIP loss: mean of image->text and text->image softmax cross-entropy (share of the global batch).
 
@@ -70,6 +77,12 @@ def softmax_contrastive_loss(
         label_offset: int or int scalar tensor, the global row of local row 0 (replica r of R with equal
             local batches: r * N); the positive of local row i is global column label_offset + i.
         max_scale: clip of the logit scale (CLIP: 100), None for none.
+        global_negative_emb: [G, D] L2-normalised embeddings of hard negative captions of the whole
+            global batch (NegCLIP, Yuksekgonul et al. 2023), or None. They are extra columns of the
+            image->text softmax only: logits_i2t becomes [N, 2G] (every text and every negative);
+            text->image and the normalisation are unchanged.
+        global_negative_valid: [G] bool, which negatives exist (False columns are left out), or None
+            for all.
 
     Returns:
         float32 scalar: (sum over the 2N local rows of the cross-entropy) / (2G), with
@@ -90,6 +103,13 @@ def softmax_contrastive_loss(
     scale = logit_scale(log_scale, max_scale)
     labels = _local_labels(ops.shape(image_emb)[0], label_offset)  # [N]
     logits_i2t = scale * ops.matmul(image_emb, ops.transpose(global_text_emb))  # [N, G]
+    if global_negative_emb is not None:
+        negative = scale * ops.matmul(
+            image_emb, ops.transpose(ops.cast(global_negative_emb, "float32")))  # [N, G]
+        if global_negative_valid is not None:
+            negative = ops.where(ops.cast(global_negative_valid, "bool")[None, :], negative,
+                                 _MASKED_LOGIT)
+        logits_i2t = ops.concatenate([logits_i2t, negative], axis=1)  # [N, 2G]
     logits_t2i = scale * ops.matmul(text_emb, ops.transpose(global_image_emb))  # [N, G]
     total = _cross_entropy_sum(logits_i2t, labels) + _cross_entropy_sum(logits_t2i, labels)
     global_batch = ops.cast(ops.shape(global_text_emb)[0], "float32")

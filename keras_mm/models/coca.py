@@ -27,7 +27,7 @@ from keras import ops
 
 from keras_mm.layers.attentional_pooler import AttentionalPooler
 from keras_mm.models.captioning import ContrastiveCaptionerModel, teacher_forcing
-from keras_mm.models.two_tower import l2_normalize
+from keras_mm.models.two_tower import embed_negatives, l2_normalize
 
 
 @keras.saving.register_keras_serializable(package="keras_mm")
@@ -135,7 +135,8 @@ class CoCaModel(ContrastiveCaptionerModel):
         text_inputs, _ = teacher_forcing(inputs["text"])
         text_emb, logits = self._text_pass(text_inputs, context, training=training)
         out = {"image_emb": image_emb, "text_emb": l2_normalize(text_emb), "logits": logits,
-               "t": self.logits.scale, **self.caption_terms(logits, inputs["text"])}
+               "t": self.logits.scale, **self.caption_terms(logits, inputs["text"]),
+               **embed_negatives(self.embed_text, inputs, training)}
         if self.logits.bias is not None:
             out["b"] = ops.cast(self.logits.bias, "float32")
         return out

@@ -33,6 +33,26 @@ def l2_normalize(x, axis=-1, eps=1e-12):
     return x / ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=axis, keepdims=True)), eps)
 
 
+def embed_negatives(embed_text, inputs, training=False):
+    """The hard-negative outputs of a contrastive model's ``call``: ``{"negative_text_emb",
+    "negative_valid"}`` when the batch has ``text_negative`` (``InputConfig.hard_negatives``;
+    ``embed_text``: token ids -> normalised embeddings), else ``{}``."""
+    if "text_negative" not in inputs:
+        return {}
+    out = {"negative_text_emb": embed_text(inputs["text_negative"], training=training)}
+    if "negative_valid" in inputs:
+        out["negative_valid"] = ops.cast(inputs["negative_valid"], "bool")
+    return out
+
+
+def hard_negatives(y_pred):
+    """``global_softmax_loss`` kwargs of the hard negatives in ``y_pred`` (``{}`` without)."""
+    if "negative_text_emb" not in y_pred:
+        return {}
+    return {"negative_emb": y_pred["negative_text_emb"],
+            "negative_valid": y_pred.get("negative_valid")}
+
+
 @keras.saving.register_keras_serializable(package="keras_mm")
 class TwoTowerModel(keras.Model):
     """An image tower and a text tower trained with a contrastive loss over the global batch.
@@ -88,12 +108,14 @@ class TwoTowerModel(keras.Model):
 
     def call(self, inputs, training=False):
         """{"image": [B, H, W, 3], "text": [B, L]} -> {"image_emb", "text_emb"}: [B, D] each,
-        plus the current scalars "t" (logit scale) and "b" (bias; sigmoid only) for logging.
+        plus the current scalars "t" (logit scale) and "b" (bias; sigmoid only) for logging,
+        and with hard negatives (``text_negative`` [B, L], ``negative_valid`` [B]) their
+        ``negative_text_emb`` and ``negative_valid`` (:func:`embed_negatives`).
         The visual input is read at ``visual_key`` ("image" by default; "video" for video
         towers: ``image_emb`` is then the video embedding)."""
         out = {"image_emb": self.embed_image(inputs[self.visual_key], training=training),
                "text_emb": self.embed_text(inputs["text"], training=training),
-               "t": self.logits.scale}
+               "t": self.logits.scale, **embed_negatives(self.embed_text, inputs, training)}
         if self.logits.bias is not None:
             out["b"] = ops.cast(self.logits.bias, "float32")
         return out
@@ -108,13 +130,17 @@ class TwoTowerModel(keras.Model):
         if y_pred is None:
             y_pred = self(x, training=training)
         image_emb, text_emb = y_pred["image_emb"], y_pred["text_emb"]
+        negatives = hard_negatives(y_pred)
+        if negatives and self.loss_type != "softmax":
+            raise ValueError("hard negative captions (text_negative) need the softmax loss")
         if self.loss_type == "sigmoid":
             loss = global_batch.global_sigmoid_loss(
                 image_emb, text_emb, self.logits.log_scale, self.logits.bias,
                 chunked=self.chunked)
         else:
             loss = global_batch.global_softmax_loss(
-                image_emb, text_emb, self.logits.log_scale, max_scale=self.logits.max_scale)
+                image_emb, text_emb, self.logits.log_scale, max_scale=self.logits.max_scale,
+                **negatives)
         if self.losses:  # regularisers (none by default), split evenly over replicas
             _, replicas = global_batch.replica_info()
             loss = loss + ops.sum(self.losses) / replicas

@@ -137,7 +137,8 @@ def local_row_offset(x, axis_name=None):
 
 
 # ------------------------------------------------------------------------------------------ global losses
-def global_softmax_loss(image_emb, text_emb, log_scale, *, max_scale=CLIP_MAX_LOGIT_SCALE, axis_name=None):
+def global_softmax_loss(image_emb, text_emb, log_scale, *, max_scale=CLIP_MAX_LOGIT_SCALE, axis_name=None,
+                        negative_emb=None, negative_valid=None):
     """CLIP loss over the global batch: this program's share (see the module docstring).
 
     Args:
@@ -146,16 +147,24 @@ def global_softmax_loss(image_emb, text_emb, log_scale, *, max_scale=CLIP_MAX_LO
         log_scale: scalar log of the logit scale (ContrastiveLogits("softmax").log_scale).
         max_scale: clip of the scale (100).
         axis_name: JAX shard_map axis, if called inside one.
+        negative_emb: [N, D] local L2-normalised hard negative captions (NegCLIP) or None: gathered,
+            they join every image's image->text softmax (``softmax_contrastive_loss``).
+        negative_valid: [N] bool, which local negatives exist, or None for all.
 
     Returns:
         float32 scalar share: sum over the local rows of (CE_i2t + CE_t2i) / (2 G).
     """
     image_emb = ops.cast(image_emb, "float32")
     text_emb = ops.cast(text_emb, "float32")
+    negatives = {}
+    if negative_emb is not None:
+        negatives["global_negative_emb"] = gather(ops.cast(negative_emb, "float32"), axis_name)
+        if negative_valid is not None:
+            negatives["global_negative_valid"] = gather(ops.cast(negative_valid, "int32"), axis_name) > 0
     return softmax_contrastive_loss(
         image_emb, text_emb, log_scale,
         global_image_emb=gather(image_emb, axis_name), global_text_emb=gather(text_emb, axis_name),
-        label_offset=local_row_offset(image_emb, axis_name), max_scale=max_scale)
+        label_offset=local_row_offset(image_emb, axis_name), max_scale=max_scale, **negatives)
 
 
 def global_focal_loss(image_emb, text_emb, temperature, *, gamma=2.0, alpha=None, axis_name=None):

@@ -531,19 +531,12 @@ def evaluate_video(cfg, model, tokenizer) -> Dict[str, float]:
 
 def _next_utterance_fn(cfg, model):
     """(video, current ids) -> generated future-utterance ids (numpy), compiled once on TF."""
+    from keras_mm.evaluation import caption_eval
+
     c = cfg.model.captioner
-    kwargs = dict(method=c.decode, beam_size=c.beam_size, length_penalty=c.length_penalty,
-                  max_length=c.max_decode_len)
-
-    def run(video, current):
-        return model.generate(video, current, **kwargs)
-
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        compiled = tf.function(run, reduce_retracing=True)
-        return lambda video, current: compiled(video, current).numpy()
-    return lambda video, current: keras.ops.convert_to_numpy(run(video, current))
+    return caption_eval.generate_function(
+        model, method=c.decode, beam_size=c.beam_size, length_penalty=c.length_penalty,
+        max_length=c.max_decode_len, with_prompt=True, prompt_key="current")
 
 
 def _video_captions(cfg, model, tokenizer, input_cfg, folder) -> Dict[str, float]:
