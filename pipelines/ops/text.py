@@ -118,11 +118,13 @@ def tokenize(tokenizer, max_len: int, *, key: str = "text", out_key: Optional[st
 # ---------------------------------------------------------------------------------------------
 
 def parse_word_groups(groups) -> tuple:
-    """``("0 1 2", "small large")`` -> ``(("0", "1", "2"), ("small", "large"))``; checks that
-    every group has >= 2 distinct words and that no word is in two groups (ValueError)."""
+    """``("0 1 2", "small large")`` -> ``(("0", "1", "2"), ("small", "large"))`` (a group is a
+    string of space-separated words or a sequence of words, so parsed groups parse to
+    themselves); checks that every group has >= 2 distinct words and that no word is in two
+    groups (ValueError)."""
     parsed, seen = [], {}
     for group in groups:
-        words = tuple(str(group).split())
+        words = tuple(group.split() if isinstance(group, str) else (str(w) for w in group))
         if len(set(words)) < 2 or len(set(words)) != len(words):
             raise ValueError(f"a hard-negative word group needs >= 2 distinct words, got "
                              f"{group!r}")
@@ -170,11 +172,15 @@ def hard_negative(groups, *, key: str = "text", out_key: str = "text_negative",
     starts = [sum(len(w) for w in groups[:g]) for g in range(len(groups))]
     sizes = [len(words) for words in groups]
 
+    # Built once, eagerly: a table created inside a parallel tf.data map can be looked up by
+    # one call before another call's initialiser has filled it.
+    with tf.init_scope():
+        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(words_flat), tf.range(len(words_flat), dtype=tf.int64)), -1)
+
     def op(features):
         features = dict(features)
         caption = tf.convert_to_tensor(features[key])
-        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-            tf.constant(words_flat), tf.range(len(words_flat), dtype=tf.int64)), -1)
         words = tf.strings.split(caption, " ")
         entry = table.lookup(words)                                  # [n], -1: no group
         slots = tf.where(entry >= 0)[:, 0]

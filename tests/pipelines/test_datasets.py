@@ -164,3 +164,37 @@ def test_benchmark_dataset(label_as_text_folder):
     finite = D.eval_dataset(folder, "train", config(batch_size=3))      # 3 + 3 + 2
     result = D.benchmark_dataset(finite, num_batches=10, warmup=1)
     assert result["batches"] == 2 and result["examples"] == 5
+
+def test_hard_negative_batches(label_as_text_folder):
+    """``hard_negatives``: each ``text_negative`` is its ``text`` with one grouped word swapped;
+    captions without a grouped word are marked invalid and left as they are."""
+    folder = label_as_text_folder({"train": 12}, shards=1)
+    groups = "zero one two three four five six seven eight nine|photo drawing"
+    ds = D.train_dataset(folder, config(batch_size=12, augment="none", hard_negatives=groups))
+    group_of = {w: g for g, ws in enumerate(groups.split("|")) for w in ws.split()}
+    seen_valid = seen_invalid = 0
+    for batch in ds.take(4):
+        assert batch["text_negative"].shape == batch["text"].shape
+        assert batch["text_negative"].dtype == tf.int32 and batch["negative_valid"].dtype == tf.bool
+        for text, negative, valid in zip(detok(folder, batch["text"]),
+                                         detok(folder, batch["text_negative"]),
+                                         batch["negative_valid"].numpy()):
+            words, swapped = text.split(" "), negative.split(" ")
+            changed = [(a, b) for a, b in zip(words, swapped) if a != b]
+            if valid:
+                seen_valid += 1
+                assert len(words) == len(swapped) and len(changed) == 1, (text, negative)
+                (old, new), = changed
+                assert group_of[old] == group_of[new]
+            else:
+                seen_invalid += 1
+                assert negative == text and not any(w in group_of for w in words)
+    assert seen_valid > 0
+
+
+def test_hard_negative_config_errors():
+    with pytest.raises(ValueError, match="hard_negatives"):
+        config(hard_negatives="a b|b c")
+    with pytest.raises(ValueError, match="hard_negatives"):
+        config(hard_negatives="small", render_text=True)
+    assert config().negative_groups() == ()

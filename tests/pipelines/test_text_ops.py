@@ -87,3 +87,57 @@ def test_tokenize_op(sp_model, eager_and_tfdata):
         {"texts": tf.constant(["seven", "nine", "three"])})
     assert many["ids"].shape == (3, 10)
     assert "texts" in many  # the input is kept
+
+
+# ------------------------------------------------------------------------------ hard negatives
+GROUPS = ("0 1 2 3 4 5 6 7 8 9", "small large", "left right", "above below")
+GROUP_OF = {w: g for g, words in enumerate(GROUPS) for w in words.split()}
+
+
+def _hard_negative(caption, seed):
+    out = text_ops.hard_negative(GROUPS)({"text": tf.constant(caption),
+                                          "_seed": tf.constant(seed, tf.int64)})
+    draws = text_ops._hard_negative_draws(tf.constant(seed, tf.int64)).numpy()
+    return out["text_negative"].numpy().decode(), bool(out["negative_valid"]), draws
+
+
+@pytest.mark.parametrize("caption", ["a small 3 to the left of a large 7", "a 9",
+                                     "one large digit and two small digits"])
+def test_hard_negative_swaps_one_grouped_word_for_another_of_its_group(caption):
+    words = caption.split()
+    for s in range(40):
+        negative, valid, draws = _hard_negative(caption, [s, 7])
+        assert valid
+        assert (negative, valid) == text_ops.hard_negative_py(caption, GROUPS, *draws)
+        changed = [i for i, (a, b) in enumerate(zip(words, negative.split())) if a != b]
+        assert len(negative.split()) == len(words) and len(changed) == 1, negative
+        old, new = words[changed[0]], negative.split()[changed[0]]
+        assert old in GROUP_OF and GROUP_OF[new] == GROUP_OF[old] and new != old
+
+
+def test_hard_negative_draws_every_grouped_position_and_every_other_word():
+    caption = "a small 3 to the left of a large 7"
+    positions, numerals = set(), set()
+    for s in range(300):
+        negative, _, _ = _hard_negative(caption, [s, 0])
+        diff = [i for i, (a, b) in enumerate(zip(caption.split(), negative.split())) if a != b]
+        positions.add(diff[0])
+        if diff[0] == 2:
+            numerals.add(negative.split()[2])
+    assert positions == {1, 2, 5, 8, 9}             # small, 3, left, large, 7
+    assert numerals == set("012456789")             # every numeral but the 3
+
+
+def test_hard_negative_without_grouped_words_is_marked_invalid():
+    for caption in ["three digits here", ""]:
+        negative, valid, draws = _hard_negative(caption, [1, 2])
+        assert (negative, valid) == (caption, False)
+        assert text_ops.hard_negative_py(caption, GROUPS, *draws) == (caption, False)
+
+
+def test_word_groups_are_checked():
+    parsed = text_ops.parse_word_groups(["a b", " c  d "])
+    assert parsed == (("a", "b"), ("c", "d")) == text_ops.parse_word_groups(parsed)
+    for bad, match in [(["a"], ">= 2"), (["a a"], ">= 2"), (["a b", "b c"], "in two")]:
+        with pytest.raises(ValueError, match=match):
+            text_ops.parse_word_groups(bad)

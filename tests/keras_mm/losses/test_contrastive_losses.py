@@ -212,3 +212,46 @@ def test_extreme_logits_give_finite_losses_and_gradients():
     value, grads = value_and_grads(lambda x, y, s: softmax_contrastive_loss(x, y, s, max_scale=None),
                                    IMAGE, TEXT, math.log(5000.0))
     assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads)
+
+
+# ------------------------------------------------------------------------------ hard negatives
+def _numpy_negclip(image, text, negative, valid, scale):
+    """NegCLIP in NumPy: image->text softmax over every text and every valid negative,
+    text->image as CLIP; the mean over the 2N rows."""
+    def ce(logits):
+        top = logits.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+        return lse - np.diag(logits[:, :len(image)])
+    i2t = np.concatenate([image @ text.T, np.where(valid[None], image @ negative.T, -np.inf)], 1)
+    return (ce(scale * i2t).sum() + ce(scale * (text @ image.T)).sum()) / (2 * len(image))
+
+
+def test_softmax_hard_negatives_match_numpy_and_shares_add_up():
+    rng = np.random.default_rng(0)
+    negative = rng.normal(size=TEXT.shape).astype(np.float32)
+    negative /= np.linalg.norm(negative, axis=1, keepdims=True)
+    valid = np.array([True, False, True, True, True, False, True, True])
+    log_scale = math.log(10.0)
+    expected = _numpy_negclip(IMAGE, TEXT, negative, valid, 10.0)
+    got = float(softmax_contrastive_loss(IMAGE, TEXT, log_scale, global_negative_emb=negative,
+                                         global_negative_valid=valid))
+    np.testing.assert_allclose(got, expected, **TOL)
+    assert got > float(softmax_contrastive_loss(IMAGE, TEXT, log_scale))
+    # all negatives left out: the CLIP loss
+    np.testing.assert_allclose(
+        float(softmax_contrastive_loss(IMAGE, TEXT, log_scale, global_negative_emb=negative,
+                                       global_negative_valid=np.zeros(8, bool))),
+        float(softmax_contrastive_loss(IMAGE, TEXT, log_scale)), **TOL)
+    shares = [float(softmax_contrastive_loss(
+        IMAGE[rows], TEXT[rows], log_scale, global_image_emb=IMAGE, global_text_emb=TEXT,
+        label_offset=rows.start, global_negative_emb=negative, global_negative_valid=valid))
+        for rows in row_slices([3, 5])]
+    np.testing.assert_allclose(sum(shares), expected, **TOL)
+    value, grads = value_and_grads(
+        lambda x, y, n: softmax_contrastive_loss(x, y, log_scale, global_negative_emb=n,
+                                                 global_negative_valid=valid),
+        IMAGE, TEXT, negative)
+    for grad in grads:
+        assert np.all(np.isfinite(grad))
+    # a left-out negative gets no gradient; a valid one does
+    assert np.abs(grads[2][1]).max() == 0.0 and np.abs(grads[2][0]).max() > 0.0
