@@ -205,6 +205,7 @@ def initialize_video_tower(model, variables, *, resize="bilinear"):
     pending = []
     for variable in model.variables:
         rel = variable.path[len(own):] if variable.path.startswith(own) else variable.path
+        rel = rel.replace(tower + "frame_encoder/", tower)
         if rel in source:
             value = source[rel]
             if tuple(value.shape) != tuple(variable.shape):

@@ -15,10 +15,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_both_backends_tests_pass_on_jax():
     if os.environ.get("KERAS_BACKEND") == "jax":
         pytest.skip("already running on JAX")
-    env = dict(os.environ, KERAS_BACKEND="jax")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["KERAS_BACKEND"] = "jax"
+    # Two processes (pytest-xdist, a file each at a time): this is the longest single test.
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-m", "both_backends", "-p", "no:cacheprovider",
-         "tests/keras_mm"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+         "-n", "2", "--dist", "loadfile", "tests/keras_mm"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=1500)
     tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
     # Exit 5 (nothing selected) means no model test is marked yet: that is a failure too.
     assert result.returncode == 0, tail

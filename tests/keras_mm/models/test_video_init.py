@@ -94,12 +94,14 @@ def test_initialised_tubevit_embeds_a_frame_as_the_frame_average_model(tmp_path)
                                rtol=1e-5, atol=1e-6)
 
 
-def test_same_architecture_loads_whole(tmp_path):
-    source = _model("tubevit", seed=0)
+@pytest.mark.parametrize("encoder", ["tubevit", "frame_average"])
+def test_same_architecture_loads_whole(tmp_path, encoder):
+    source = _model(encoder, seed=0)
     checkpoint.Checkpointer(str(tmp_path), write=True).save(3, source)
-    target = _model("tubevit", seed=5)
+    target = _model(encoder, seed=5)
     report = initialize_video_tower(target, checkpoint.read_model_variables(str(tmp_path)))
     assert not report["inflated"] and not report["kept"]
+    assert len(report["copied"]) == len(target.variables)
     clip = np.random.default_rng(0).normal(size=(2, 4, 16, 16, 3)).astype("float32")
     np.testing.assert_allclose(_np(target.embed_image(clip)), _np(source.embed_image(clip)),
                                rtol=1e-5, atol=1e-6)
