@@ -19,6 +19,8 @@ class FrameAverageEncoder(keras.Model):
     """Videos ``[batch, T, H, W, 3]`` -> embeddings ``[batch, D]``, the mean over the frames of
     ``image_encoder``'s embedding of each frame (float32).
 
+    ``call(video, pre_head=True)`` averages the frames' pooled features before the image
+    encoder's projection head instead (linear-probe features).
     ``call(video, return_tokens=True)`` returns ``(embedding, tokens)``: the per-frame tokens
     concatenated over time, ``[batch, T * N, width]`` (frame-major: ``tokens[:, t*N:(t+1)*N]``
     are frame ``t``'s), with no temporal position added - a decoder cross-attending to them sees
@@ -48,13 +50,14 @@ class FrameAverageEncoder(keras.Model):
         if not self.image_encoder.built:
             self.image_encoder.build((None,) + shape[2:])
 
-    def call(self, video, training=None, return_tokens=False):
+    def call(self, video, training=None, return_tokens=False, pre_head=False):
         if len(video.shape) == 4:
             video = ops.expand_dims(video, 1)                     # [b, 1, H, W, C]
         batch = ops.shape(video)[0]
         h, w, c = video.shape[2:]
         flat = ops.reshape(video, (-1, h, w, c))                  # [b * T, H, W, C]
-        embedding, tokens = self.image_encoder(flat, training=training, return_tokens=True)
+        embedding, tokens = self.image_encoder(flat, training=training, return_tokens=True,
+                                               pre_head=pre_head)
         embedding = ops.reshape(ops.cast(embedding, "float32"),
                                 (batch, -1, embedding.shape[-1]))
         embedding = ops.mean(embedding, axis=1)                  # [b, D]

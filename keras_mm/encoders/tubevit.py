@@ -39,7 +39,9 @@ class TubeViTEncoder(keras.Model):
     (the 2-D patches) fit, which gives TubeViT's joint image / video model.
     ``D`` is ``output_dim`` with a projection head, else ``width``; the embedding is float32
     under mixed precision. ``call(video, return_tokens=True)`` also returns the tokens
-    ``[batch, N_tokens, width]`` after the final LayerNorm (compute dtype).
+    ``[batch, N_tokens, width]`` after the final LayerNorm (compute dtype);
+    ``call(video, pre_head=True)`` gives the pooled features ``[batch, width]`` before the
+    projection head (linear-probe features).
 
     Args:
         video_size: ``(T, H, W)`` used to build the model and to size the learned image-tube
@@ -143,7 +145,7 @@ class TubeViTEncoder(keras.Model):
         gate = ops.tanh(ops.cast(self.position_gate, "float32"))
         return learned + gate * fixed
 
-    def call(self, video, training=None, return_tokens=False):
+    def call(self, video, training=None, return_tokens=False, pre_head=False):
         if len(video.shape) == 4:
             video = ops.expand_dims(video, 1)                  # [b, 1, H, W, C]
         x = self.tube_embedding(video)                        # [b, n, width]
@@ -153,7 +155,8 @@ class TubeViTEncoder(keras.Model):
         tokens = self.encoder(x, training=training)
         pooled = (pooling.global_average(tokens) if self.pool == "gap"
                   else self.map_head(tokens))
-        embedding = self.head(pooled) if self.head is not None else pooled
+        # pre_head: the pooled features before the projection head (linear-probe features)
+        embedding = self.head(pooled) if self.head is not None and not pre_head else pooled
         embedding = ops.cast(embedding, "float32")            # [b, D]
         return (embedding, tokens) if return_tokens else embedding
 

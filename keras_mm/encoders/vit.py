@@ -85,7 +85,8 @@ class ViTEncoder(keras.Model):
 
     Call args: ``images``, ``training``, ``return_tokens``, ``patch_size`` (int, static; None =
     the size set by ``set_patch_size``, else ``patch_size``; a fixed-patch encoder accepts only
-    its own).
+    its own), ``pre_head`` (return the pooled features ``[b, width]`` before the projection
+    head: the features CLIP's linear probes use).
     """
 
     def __init__(self, image_size=224, patch_size=16, width=768, depth=12, heads=12,
@@ -198,7 +199,7 @@ class ViTEncoder(keras.Model):
         p = _square(patch_size)
         return (p, p)
 
-    def call(self, images, training=None, return_tokens=False, patch_size=None):
+    def call(self, images, training=None, return_tokens=False, patch_size=None, pre_head=False):
         ph, pw = self.current_patch_size(patch_size)
         if self.patch_sizes is None:
             x = self.patch_embedding(images)                               # [b, n, width]
@@ -224,7 +225,8 @@ class ViTEncoder(keras.Model):
             pooled = pooling.global_average(tokens)
         else:
             pooled = self.map_head(tokens)
-        embedding = self.head(pooled) if self.head is not None else pooled
+        # pre_head: the pooled features before the projection head (CLIP's linear-probe features)
+        embedding = self.head(pooled) if self.head is not None and not pre_head else pooled
         embedding = ops.cast(embedding, "float32")                        # [b, D]
         return (embedding, tokens) if return_tokens else embedding
 

@@ -332,6 +332,9 @@ class EvalConfig:
       shots: examples per class of the few-shot evaluation.
       gallery_size: video retrieval: the first this many clips of ``split`` (None: all).
       probe_max_train: motion probe: at most this many training clips (None: all).
+      probe_features: what the motion probe classifies: "pooled" (the video tower's pooled
+        features before its projection head, the features CLIP's linear probes use) or
+        "embedding" (the normalised contrastive embedding).
       baseline_run: video: a run folder of the frame-averaging baseline, evaluated beside this
         run (its probe accuracy is ``motion_probe_frame_average_top1``, its retrieval
         ``frame_average_retrieval_*``).
@@ -348,6 +351,7 @@ class EvalConfig:
     shots: Tuple[int, ...] = (1, 5, 10)
     gallery_size: Optional[int] = 256
     probe_max_train: Optional[int] = 4096
+    probe_features: Literal["pooled", "embedding"] = "pooled"
     baseline_run: Optional[str] = None
 
     def __post_init__(self):

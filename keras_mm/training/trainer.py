@@ -499,7 +499,8 @@ def evaluate_video(cfg, model, tokenizer) -> Dict[str, float]:
                     gallery_size=cfg.eval.gallery_size)
             elif task == "motion_probe":
                 got = video_eval.evaluate_motion_probe(
-                    embed_video, split(cfg.eval.probe_train_split),
+                    embed_video if cfg.eval.probe_features == "embedding"
+                    else pooled_video_features(model), split(cfg.eval.probe_train_split),
                     split(cfg.eval.probe_val_split), split(cfg.eval.split),
                     max_train=cfg.eval.probe_max_train)
             elif task == "captioning":
@@ -527,6 +528,22 @@ def evaluate_video(cfg, model, tokenizer) -> Dict[str, float]:
             metrics["motion_probe_frame_average_top1"] = got["frame_average_motion_probe_top1"]
     return {k: v for k, v in metrics.items()
             if reported(k) or k.startswith(("frame_average_retrieval", "next_"))}
+
+
+def pooled_video_features(model):
+    """``video -> [B, width]`` numpy: the video tower's pooled features before its projection
+    head (the motion probe's default features), compiled once on TF."""
+    tower = getattr(model, "image_encoder_model", None) or model.image_encoder
+
+    def run(video):
+        return tower(video, training=False, pre_head=True)
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        compiled = tf.function(run, reduce_retracing=True)
+        return lambda video: compiled(video).numpy()
+    return lambda video: keras.ops.convert_to_numpy(run(video))
 
 
 def _next_utterance_fn(cfg, model):
