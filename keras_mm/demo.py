@@ -25,13 +25,16 @@ scenes:
 5. a fresh tensorflow + tensorflow_text process captions the test scenes and the bundled real
    photos with the export; the captions must equal the Keras model's.
 
-Video (``--model video``, recipes ``tubevit_moving_digits`` and the baseline
+Video (``--model video``, recipes ``tubevit_from_frames_moving_digits`` and the baseline
 ``frame_average_moving_digits``), on moving digits:
 
 1. moving-digits Beam job: clips of 1-2 real digits moving in one of four directions, captions
    naming digits and motion, transcripts, split by source digit, and a SentencePiece tokenizer,
 2. training of the frame-averaging baseline (the image ViT on every frame, averaged: it sees
-   every frame but not their order), then of the TubeViT video-text two-tower model,
+   every frame but not their order), then of the TubeViT video-text two-tower model started
+   from it (image-to-video: the ViT's blocks, head and text tower load as they are, its patch
+   embedding is inflated into every tube; ``--recipe tubevit_moving_digits`` trains TubeViT
+   from scratch instead),
 3. text -> video retrieval on a 256-clip test gallery and the motion probe (a linear classifier
    of the motion direction on frozen clip embeddings), for both,
 4. export with the ``embed_video`` / ``embed_text`` signatures,
@@ -124,7 +127,7 @@ print(json.dumps({"clips": len(ids), "keras_mm_imported": "keras_mm" in sys.modu
 DEMO_RECIPES = {"two_tower": "siglip_digits", "limoe": "limoe_digits",
                 "clippo": "clippo_digits", "coca": "coca_scenes", "cappa": "cappa_scenes",
                 "mammut": "mammut_scenes", "pali": "pali_scenes",
-                "video": "tubevit_moving_digits"}
+                "video": "tubevit_from_frames_moving_digits"}
 VIDEO_BASELINE_RECIPE = "frame_average_moving_digits"
 CAPTIONERS = ("coca", "cappa", "mammut", "pali")
 NUM_EXPORT_CHECK_SCENES = 64
@@ -392,6 +395,9 @@ def run_video(args) -> Dict:
     cfg = config_lib.override(config_lib.get_recipe(args.recipe),
                               common + [f"train.out_dir={run_dir}",
                                         f"eval.baseline_run={base_dir}"])
+    if cfg.model.video.image_position_embedding and not cfg.model.init_checkpoint:
+        # image-to-video: TubeViT starts from the frame-average run just trained
+        cfg = config_lib.override(cfg, [f"model.init_checkpoint={base_dir}"])
     summary, model = trainer.train(cfg)
     metrics = summary["metrics"]
     _stage(3, "test gallery of 256 clips and motion probe: " + ", ".join(

@@ -16,6 +16,10 @@ id          string ``[B]``                  record id
 label       int64 ``[B]``                   label-as-text datasets only
 ==========  ==============================  ==================================================
 
+With ``InputConfig.hard_negatives`` training batches also hold ``text_negative`` (int32
+``[B, L]``: the chosen caption with one word of a configured group swapped, NegCLIP) and
+``negative_valid`` (bool ``[B]``).
+
 With ``InputConfig.render_text`` (CLIPPO: captions rendered as images by
 :class:`~keras_mm.pipelines.ops.render_text.TextRenderer`, no tokenizer needed):
 

@@ -423,6 +423,7 @@ RECIPES = {
     "mammut_scenes": "keras_mm.recipes.captioners:mammut_scenes",
     "pali_scenes": "keras_mm.recipes.captioners:pali_scenes",
     "tubevit_moving_digits": "keras_mm.recipes.video:tubevit_moving_digits",
+    "tubevit_from_frames_moving_digits": "keras_mm.recipes.video:tubevit_from_frames_moving_digits",
     "frame_average_moving_digits": "keras_mm.recipes.video:frame_average_moving_digits",
     "mammut_video_moving_digits": "keras_mm.recipes.video:mammut_video_moving_digits",
     "mvgpt_moving_digits": "keras_mm.recipes.video:mvgpt_moving_digits",

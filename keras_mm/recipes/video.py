@@ -5,6 +5,8 @@ motion, two-segment transcripts.
 * ``tubevit_moving_digits``: the video-text two-tower model (CLIP softmax loss) with a tiny
   TubeViT video tower (``model.video.tubes="clip8"``: four sparse tube shapes, 98 tokens,
   ``keras_mm.encoders.presets.TUBE_SETS``).
+* ``tubevit_from_frames_moving_digits``: TubeViT started from a frame-average run (the paper's
+  image-to-video initialisation; ``--set model.init_checkpoint=RUN``).
 * ``frame_average_moving_digits``: the same with the frame-averaging tower (the tiny ViT, patch
   8, on every frame, embeddings averaged over time): the baseline that sees every frame but not
   their order, so it cannot tell "moves left" from "moves right".
@@ -58,6 +60,20 @@ def tubevit_moving_digits():
     """TubeViT-tiny (clip8 tubes) + tiny text tower, CLIP loss, 1500 steps of 64 clips."""
     return _video("tubevit_moving_digits", "video_two_tower",
                   tasks=("retrieval", "motion_probe"))
+
+
+def tubevit_from_frames_moving_digits():
+    """TubeViT's image-to-video path: ``tubevit_moving_digits`` with the image tube's learned
+    position table (``model.video.image_position_embedding``), to be started from a
+    frame-average run with ``--set model.init_checkpoint=RUN``: its ViT blocks, head, text
+    tower and logit scale load as they are and its 2-D patch embedding is inflated into every
+    tube (``keras_mm.models.video.initialize_video_tower``). ``kmm demo --model video`` runs
+    it from its frame-average baseline. A fair baseline continues the frame-average run for the
+    same steps: ``frame_average_moving_digits`` with the same ``model.init_checkpoint``."""
+    cfg = _video("tubevit_from_frames_moving_digits", "video_two_tower",
+                 tasks=("retrieval", "motion_probe"))
+    cfg.model.video.image_position_embedding = True
+    return cfg
 
 
 def frame_average_moving_digits():
