@@ -511,8 +511,8 @@ def read_model_variables(path):
       CheckpointError: no complete checkpoint there.
     """
     path = str(path)
-    checker = Checkpointer(path, write=False)
-    manifest = checker.verify(path) if _exists(os.path.join(path, MANIFEST_FILE)) else None
+    manifest = (Checkpointer(path, write=False).verify(path)
+                if _exists(os.path.join(path, MANIFEST_FILE)) else None)
     if manifest is None:
         for folder in (os.path.join(path, "checkpoints"), path):
             info = Checkpointer(folder, write=False).latest() if _exists(folder) else None

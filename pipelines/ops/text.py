@@ -172,8 +172,8 @@ def hard_negative(groups, *, key: str = "text", out_key: str = "text_negative",
     starts = [sum(len(w) for w in groups[:g]) for g in range(len(groups))]
     sizes = [len(words) for words in groups]
 
-    # Built once, eagerly: a table created inside a parallel tf.data map can be looked up by
-    # one call before another call's initialiser has filled it.
+    # Built once, outside the traced map function (which then only looks it up), rather than
+    # again on every trace of ``op``.
     with tf.init_scope():
         table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
             tf.constant(words_flat), tf.range(len(words_flat), dtype=tf.int64)), -1)
