@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"))
     parser.add_argument("--jit_compile", type=tt._bool_or_auto, default="auto",
                         help="true, false or auto (Keras' default)")
+    parser.add_argument("--tube_impl", default="einsum", choices=("einsum", "conv"),
+                        help="TubeViT's tube embedding: windows + einsum, or ops.conv")
     parser.add_argument("--skip_pipeline", action="store_true",
                         help="time the train step only (no TensorFlow / Beam needed)")
     parser.add_argument("--num_clips", type=int, default=1024,
@@ -74,7 +76,7 @@ def resolve(args) -> Dict:
              "num_frames": given(args.num_frames, 8 if tiny else 32),
              "image_size": given(args.image_size, 32 if tiny else 224),
              "batch_size": given(args.batch_size, 64 if tiny else 8),
-             "tubes": args.tubes or ("clip8" if tiny else None)}
+             "tubes": args.tubes or ("clip8" if tiny else None), "tube_impl": args.tube_impl}
     encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
     bad = [e for e in encoders if e not in ENCODERS]
     if bad or not encoders:
@@ -147,7 +149,7 @@ def build_model(sizes: Dict, encoder: str):
     from keras_mm.models.video import build_video_two_tower
 
     video_overrides = {"video_size": [sizes["num_frames"], sizes["image_size"],
-                                      sizes["image_size"]]}
+                                      sizes["image_size"]], "tube_impl": sizes["tube_impl"]}
     if sizes["tubes"]:
         video_overrides["tubes"] = presets.tube_set(sizes["tubes"])
     return build_video_two_tower(sizes["preset"], "softmax", encoder=encoder,
@@ -214,7 +216,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     sizes = resolve(args)
     out: Dict = {"preset": sizes["preset"], "num_frames": sizes["num_frames"],
                  "image_size": sizes["image_size"], "batch_size": sizes["batch_size"],
-                 "tubes": sizes["tubes"], "precision": args.precision,
+                 "tubes": sizes["tubes"], "tube_impl": sizes["tube_impl"],
+                 "precision": args.precision,
                  "jit_compile": args.jit_compile, "steps": args.steps, "warmup": args.warmup}
     if not args.skip_pipeline:
         out["pipeline"] = bench_pipeline(args, sizes)

@@ -58,6 +58,7 @@ class TubeViTEncoder(keras.Model):
             fixed embeddings); False = TubeViT (fixed embeddings added to every token).
         image_tube: index of the image-patch tube for ``image_position_embedding``; None = the
             first tube whose temporal kernel is 1.
+        tube_impl: ``SparseTubeEmbedding``'s ``impl``: ``"einsum"`` (default) or ``"conv"``.
     """
 
     def __init__(self, video_size=(32, 224, 224), tubes=None, width=768, depth=12, heads=12,
@@ -65,7 +66,8 @@ class TubeViTEncoder(keras.Model):
                  head_bias=True, dropout=0.0, attention_dropout=0.0, drop_path=0.0,
                  remat=False, qk_norm=False, qkv_bias=True, fused_qkv=True, attention_impl=None,
                  layer_norm_epsilon=1e-6, block="pre_ln", temperature=10_000.0,
-                 image_position_embedding=False, image_tube=None, **kwargs):
+                 image_position_embedding=False, image_tube=None, tube_impl="einsum",
+                 **kwargs):
         super().__init__(**kwargs)
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -90,7 +92,7 @@ class TubeViTEncoder(keras.Model):
         policy = self.dtype_policy
         self.tube_embedding = SparseTubeEmbedding(
             self.width, tubes=tubes, position_embedding=not self.image_position_embedding,
-            temperature=self.temperature, dtype=policy, name="tube_embedding")
+            temperature=self.temperature, impl=tube_impl, dtype=policy, name="tube_embedding")
         self.tubes = self.tube_embedding.tubes
         self.image_tube = None
         self.position_embedding = None
@@ -174,7 +176,7 @@ class TubeViTEncoder(keras.Model):
             layer_norm_epsilon=self.layer_norm_epsilon, block=self.block,
             temperature=self.temperature,
             image_position_embedding=self.image_position_embedding,
-            image_tube=self.image_tube)
+            image_tube=self.image_tube, tube_impl=self.tube_embedding.impl)
         return config
 
 

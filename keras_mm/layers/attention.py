@@ -210,9 +210,8 @@ class MultiHeadAttention(keras.layers.Layer):
             mask = None
             if attention_mask is not None:
                 mask = _mask_for(attention_mask, use_causal_mask, q, k)
-            out = ops.dot_product_attention(                            # softmax in float32
-                q, k, v, mask=mask, scale=1.0 / math.sqrt(self._dim),
-                is_causal=bool(use_causal_mask) and mask is None)
+            out = fused_attention(q, k, v, mask, 1.0 / math.sqrt(self._dim),
+                                  is_causal=bool(use_causal_mask) and mask is None)
         else:
             out = self._attend(q, k, v, _mask_for(attention_mask, use_causal_mask, q, k),
                                seed if use_dropout else None, use_dropout)
@@ -322,6 +321,47 @@ def _use_dot_product(impl, q):
         return (_accelerated_jax(keras.backend.backend())
                 and (q.shape[1] is None or q.shape[1] > 1))
     return impl == "dot_product"
+
+
+def _cuda_jax():
+    """True when the backend is JAX and its default device is an NVIDIA / AMD GPU."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
+def fused_attention(q, k, v, mask, scale, is_causal=False, pad_to_even=None):
+    """``ops.dot_product_attention`` of ``q [b, n, h, d]``, ``k, v [b, s, h, d]`` (softmax in
+    float32), with odd token counts padded to even when ``pad_to_even`` (default: on a JAX GPU).
+
+    cuDNN's fused attention trains only on even query / key lengths (JAX 0.11 on an H100 refused
+    TubeViT-B's 539 tokens, "Unsupported sequence length Q 539, KV 539", and Keras then fell
+    back to XLA's unfused attention). Padding adds one query, whose output is dropped, and one
+    zero key / value that a key mask hides (a causal mask already hides a last key from every
+    real query), so the result equals the unpadded attention."""
+    n, s = q.shape[1], k.shape[1]
+    if pad_to_even is None:
+        pad_to_even = _cuda_jax()
+    pad_q = bool(pad_to_even) and n is not None and n % 2 == 1
+    pad_k = bool(pad_to_even) and s is not None and s % 2 == 1
+    if pad_q:
+        q = ops.pad(q, [(0, 0), (0, 1), (0, 0), (0, 0)])
+    if pad_k:
+        k = ops.pad(k, [(0, 0), (0, 1), (0, 0), (0, 0)])
+        v = ops.pad(v, [(0, 0), (0, 1), (0, 0), (0, 0)])
+    if mask is not None and (pad_q or pad_k):
+        mask = ops.broadcast_to(mask, tuple(ops.shape(mask)[:2]) + (n, s))
+        if pad_q:                        # the extra query attends to every real key
+            mask = ops.concatenate([mask, ops.ones_like(mask[:, :, :1])], axis=2)
+        if pad_k:
+            mask = ops.pad(mask, [(0, 0), (0, 0), (0, 0), (0, 1)], constant_values=False)
+    elif pad_k and not is_causal:                # cuDNN takes a mask of [., ., q, kv] only
+        mask = ops.broadcast_to(ops.arange(s + 1)[None, None, None, :] < s,
+                                (1, 1, n + int(pad_q), s + 1))
+    out = ops.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal)
+    return out[:, :n] if pad_q else out
 
 
 def _mask_for(mask, causal, q, k):

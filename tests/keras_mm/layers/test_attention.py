@@ -148,3 +148,31 @@ def test_auto_impl_resolves_by_backend_and_device():
     assert att._accelerated_jax("tensorflow") is False
     with pytest.raises(ValueError, match="attention_impl"):
         MultiHeadAttention(2, attention_impl="flash")
+
+
+@pytest.mark.parametrize("n,s", [(5, 5), (5, 7), (4, 7), (5, 6)])
+@pytest.mark.parametrize("masking", ["none", "padding", "causal", "causal_and_padding"])
+def test_even_padding_for_fused_attention_changes_nothing(n, s, masking):
+    """cuDNN trains only on even token counts, so on a JAX GPU ``fused_attention`` pads odd
+    ones (one dropped query, one masked zero key): the output equals the unpadded attention's
+    and a NumPy softmax(q k^T * scale + mask) v, with or without padding / causal masks."""
+    from keras_mm.layers.attention import fused_attention
+
+    causal = masking.startswith("causal")
+    if causal and n != s:
+        pytest.skip("a causal mask is for self-attention")
+    q, k, v = _x(2, n, 3, 4), _x(2, s, 3, 4), _x(2, s, 3, 4)
+    keep = np.ones((2, s), bool)
+    if masking.endswith("padding"):
+        keep[0, -2:] = False
+        mask = attention_mask(keep, causal, n, s)
+    else:
+        mask = None                            # causal: is_causal, as MultiHeadAttention calls
+    allowed = keep[:, None, None, :] & (np.tril(np.ones((n, s), bool)) if causal else True)
+    logits = np.einsum("bqhd,bshd->bhqs", q, k) * 0.5 + np.where(allowed, 0.0, -1e9)
+    expected = np.einsum("bhqs,bshd->bqhd", ref.softmax(logits), v)
+    for pad in (True, False):
+        out = fused_attention(q, k, v, mask, 0.5, is_causal=causal and mask is None,
+                              pad_to_even=pad)
+        assert tuple(out.shape) == (2, n, 3, 4)
+        np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)

@@ -6,6 +6,7 @@ import pytest
 
 from keras_mm.layers.tube_embedding import (
     PAPER_TUBES, SparseTubeEmbedding, inflate_patch_kernel, sincos3d)
+from tests.keras_mm.layers import gradients
 from tests.keras_mm.layers import numpy_reference as ref
 from tests.keras_mm.serialization import assert_serialization_round_trip
 
@@ -50,9 +51,10 @@ def _tube_layer(video, **kwargs):
     return layer
 
 
-def test_each_tube_equals_a_numpy_strided_conv_loop():
+@pytest.mark.parametrize("impl", ["einsum", "conv"])
+def test_each_tube_equals_a_numpy_strided_conv_loop(impl):
     video = _video()
-    layer = _tube_layer(video, position_embedding=False)
+    layer = _tube_layer(video, position_embedding=False, impl=impl)
     out = np.asarray(layer(video))
     assert out.shape == (2, 8 + 8 + 32, 12)
     start = 0
@@ -63,6 +65,25 @@ def test_each_tube_equals_a_numpy_strided_conv_loop():
         np.testing.assert_allclose(out[:, start:start + n], expected, atol=1e-5, rtol=0)
         start += n
     assert start == out.shape[1]
+
+
+def test_einsum_and_conv_agree_on_the_paper_tubes_and_in_gradients():
+    """PAPER_TUBES on 32 x 224 x 224 take every branch of the windowing: overlapping windows
+    (tube 2 in time: kernel 16, stride 6), a last stride past the end (tube 2 in space), strides
+    above and equal to the kernel; the kernels' gradients agree too (the train step's path)."""
+    video = RNG.uniform(-1, 1, (1, 32, 224, 224, 3)).astype("float32")
+    einsum = SparseTubeEmbedding(6, kernel_initializer="glorot_uniform")
+    conv = SparseTubeEmbedding(6, impl="conv")
+    einsum(video), conv(video)
+    conv.set_weights(einsum.get_weights())
+    np.testing.assert_allclose(np.asarray(einsum(video)), np.asarray(conv(video)), atol=1e-5)
+    (_, grads_einsum), (_, grads_conv) = (gradients.outputs_and_gradients(layer, video)
+                                          for layer in (einsum, conv))
+    assert len(grads_einsum) == 1 + 8                     # the video, 4 kernels, 4 biases
+    for a, b in zip(grads_einsum, grads_conv):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3 * np.abs(b).max())
+    with pytest.raises(ValueError, match="impl must be one of"):
+        SparseTubeEmbedding(6, impl="fft")
 
 
 def test_token_counts_and_centres_by_hand():
