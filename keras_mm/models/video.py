@@ -9,8 +9,9 @@ The video tower of a preset is ``presets.tubevit_config`` of the family's image 
 ``ViTEncoder`` of the same transformer sizes on frames of the video's ``H x W``, whose patches
 are the TubeViT's 2-D image tube (the first tube with temporal kernel 1; tiny: 8 x 8) unless
 ``video_overrides`` gives ``patch_size``; the TubeViT-only keys (``video_size``'s T, ``tubes``,
-``temperature``, ``image_position_embedding``, ``image_tube``, ``tube_impl``) do not apply to it. Both towers get
-the same pooling and projection head, so the two differ only in how they see time.
+``temperature``, ``image_position_embedding``, ``image_tube``, ``tube_impl``,
+``position_gate_init``) do not apply to it. Both towers get the same pooling and projection
+head, so the two differ only in how they see time.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from keras_mm.models.two_tower import TwoTowerModel
 
 VIDEO_ENCODERS = ("tubevit", "frame_average")
 _TUBE_ONLY = ("video_size", "tubes", "temperature", "image_position_embedding", "image_tube",
-              "tube_impl")
+              "tube_impl", "position_gate_init")
 _FRAME_ONLY = ("patch_size", "image_size", "pos_embedding", "patch_impl", "patch_sizes",
                "base_patch_size", "position_crop", "stem")
 

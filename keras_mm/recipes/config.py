@@ -156,6 +156,9 @@ class VideoConfig:
         2-D image tube plus the fixed tube embeddings through a gate (the MaMMUT video variant;
         always on for "video_mammut"): what ``model.init_checkpoint`` from a frame-average run
         needs to load that run's position table.
+      position_gate_init: that variant's gate ``alpha`` at the start (``tanh(alpha)`` scales the
+        fixed tube embeddings, TubeViT's only positions in time); 0 keeps an image model's
+        tokens exactly.
     """
 
     encoder: Literal["tubevit", "frame_average"] = "tubevit"
@@ -164,6 +167,7 @@ class VideoConfig:
     mvgpt_use_frames: bool = True
     mvgpt_backward_weight: float = 1.0
     image_position_embedding: bool = False
+    position_gate_init: float = 0.0
 
 
 @dataclasses.dataclass

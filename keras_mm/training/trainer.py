@@ -168,6 +168,13 @@ def _build_video(cfg, tokenizer):
             raise config_lib.ConfigError("model.video.image_position_embedding is a TubeViT "
                                          "option (model.video.encoder=tubevit)")
         video_overrides["image_position_embedding"] = True
+    if v.position_gate_init:
+        if v.encoder != "tubevit" or not (v.image_position_embedding
+                                          or m.kind == "video_mammut"):
+            raise config_lib.ConfigError(
+                "model.video.position_gate_init is the gate of TubeViT's image position "
+                "variant: set model.video.image_position_embedding=true (video_mammut has it)")
+        video_overrides["position_gate_init"] = v.position_gate_init
     if v.tubes:
         from keras_mm.encoders import presets
 

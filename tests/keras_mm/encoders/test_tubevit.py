@@ -80,6 +80,12 @@ def test_gate_at_zero_hides_the_fixed_embeddings_and_gets_gradients():
     a.position_gate.assign(0.5)
     b.position_gate.assign(0.5)
     assert np.abs(np.asarray(b(video)) - np.asarray(a(video))).max() > 1e-3
+    # position_gate_init starts the gate there: the same model as a gate assigned afterwards
+    c = TubeViTEncoder(image_position_embedding=True, position_gate_init=0.5, **SMALL)
+    c(video)
+    assert float(c.position_gate.numpy()) == 0.5 and c.get_config()["position_gate_init"] == 0.5
+    c.set_weights(a.get_weights())
+    np.testing.assert_allclose(np.asarray(c(video)), np.asarray(a(video)), atol=1e-6, rtol=0)
 
 
 def test_output_shapes_other_sizes_and_images():
@@ -158,6 +164,8 @@ def test_bad_options():
         TubeViTEncoder(pool="cls", **SMALL)
     with pytest.raises(ValueError, match="needs image_position_embedding"):
         TubeViTEncoder(image_tube=2, **SMALL)
+    with pytest.raises(ValueError, match="position_gate_init needs image_position_embedding"):
+        TubeViTEncoder(position_gate_init=1.0, **SMALL)
     with pytest.raises(ValueError, match="temporal kernel 1"):
         TubeViTEncoder(image_position_embedding=True, **dict(SMALL, tubes=TUBES[:2]))
     with pytest.raises(ValueError, match="not a tube index"):
