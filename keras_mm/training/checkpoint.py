@@ -419,8 +419,8 @@ class Checkpointer:
                 raise CheckpointError(f"{info} is not a complete checkpoint")
             info = CheckpointInfo(manifest["step"], str(info), manifest)
         ensure_built(model, optimizer)
-        with np.load(io.BytesIO(_read_bytes(os.path.join(info.path, STATE_FILE)))) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        prefixes = ("model",) if optimizer is None else ("model", "optimizer")
+        arrays = _load_arrays(info.path, info.manifest, prefixes)
         model_vars = list(model.variables)
         opt_vars = _optimizer_variables(optimizer)
         assignments = []
@@ -434,7 +434,7 @@ class Checkpointer:
                     f"{len(variables)}: the architecture or the optimizer settings differ from the run "
                     f"that wrote it")
             for i, (v, entry) in enumerate(zip(variables, saved)):
-                value = _decode(arrays[f"{prefix}/{i:05d}"], entry["dtype"])
+                value = arrays[prefix][i]
                 if list(value.shape) != [int(d) for d in v.shape]:
                     raise CheckpointError(
                         f"checkpoint {info.path}: {prefix} variable {i} ({entry['path']}) has shape "
@@ -522,9 +522,18 @@ def read_model_variables(path):
     if manifest is None:
         raise CheckpointError(f"{path}: no complete checkpoint (give a ckpt-N folder, a "
                               "checkpoints folder or a run's out_dir)")
+    values = _load_arrays(path, manifest, ("model",))["model"]
+    return {entry["path"]: value
+            for entry, value in zip(manifest["model_variables"], values)}
+
+
+def _load_arrays(path, manifest, prefixes):
+    """``{prefix: [decoded array of each manifest entry]}`` from the checkpoint ``path``'s
+    state file, for each of ``prefixes`` ("model", "optimizer")."""
     with np.load(io.BytesIO(_read_bytes(os.path.join(path, STATE_FILE)))) as npz:
-        return {entry["path"]: _decode(npz[f"model/{i:05d}"], entry["dtype"])
-                for i, entry in enumerate(manifest["model_variables"])}
+        return {prefix: [_decode(npz[f"{prefix}/{i:05d}"], entry["dtype"])
+                         for i, entry in enumerate(manifest[f"{prefix}_variables"])]
+                for prefix in prefixes}
 
 
 # ------------------------------------------------------------------------------- input position
