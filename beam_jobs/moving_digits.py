@@ -68,6 +68,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import apache_beam as beam
@@ -211,6 +212,18 @@ def captions_for(layout: Sequence[Mapping]) -> List[str]:
                 f"{_article(p['digit'])} {p['digit']} and {_article(q['digit'])} {q['digit']} "
                 "are moving"]
     raise ValueError(f"a layout has 1..{MAX_DIGITS} digits, got {len(layout)}")
+
+
+_REVERSED_DIRECTION = {"to the left": "to the right", "to the right": "to the left",
+                       "up": "down", "down": "up"}
+
+
+def time_reversed_caption(caption: str) -> str:
+    """The caption of the clip played backwards: every digit moves the opposite way at the same
+    speed (left <-> right, up <-> down), and nothing else changes. A clip and its reversal have
+    the same frames in another order, so a model that averages over frames embeds them alike."""
+    return re.sub(r"\bto the (?:left|right)\b|\b(?:up|down)\b",
+                  lambda m: _REVERSED_DIRECTION[m.group(0)], caption)
 
 
 def transcripts_for(layout: Sequence[Mapping]) -> Tuple[str, str]:

@@ -5,6 +5,11 @@ MV-GPT's future-utterance generation.
   each, scored as :mod:`keras_mm.evaluation.retrieval` scores images (COCO protocol; identical
   captions and identical clips count as true pairs, DESIGN.md). ``retrieval_t2i_r1`` is
   text -> video R@1.
+* Retrieval ceiling of a frame-averaging model (moving digits):
+  ``retrieval_t2i_r1_frame_average_ceiling`` = :func:`blind_retrieval_r1_ceiling` with the
+  time-reversed captions: the best text -> video R@1 a model that cannot tell a clip from its
+  reversal can reach on the same gallery (the text for the "2x the frame-averaging baseline"
+  comparison).
 * Motion probe: multinomial logistic regression of the clips' motion class (``label``, the
   primary digit's direction on moving-digits) on FROZEN clip embeddings
   (:func:`keras_mm.evaluation.linear_probe.linear_probe`: fit on the probe's training clips, C
@@ -22,7 +27,7 @@ image evaluators are reused through :func:`as_image_batches`.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -61,6 +66,29 @@ def evaluate_video_retrieval(embed_video: emb.EmbedFn, embed_text: emb.EmbedFn, 
         raise ValueError(f"the retrieval gallery needs {gallery_size} clips, the split has only "
                          f"{out['num_images']}")
     return out
+
+
+def blind_retrieval_r1_ceiling(clip_captions: Sequence[Sequence[str]],
+                               alternative: Callable[[str], str]) -> float:
+    """The best expected text -> video R@1 of a model that cannot tell a clip from the one that
+    ``alternative`` describes (e.g. ``moving_digits.time_reversed_caption``: a frame-averaging
+    model cannot tell a clip from its time reversal), on the gallery of ``clip_captions`` (the
+    captions of each clip) with the protocol of :func:`evaluate_video_retrieval`.
+
+    Such a model at its best ranks first, for a caption ``q``, every clip that has ``q`` or
+    ``alternative(q)`` among its captions, tied; of those, the clips that have ``q`` are true
+    pairs. With ties broken at random a query scores R@1 = true / tied in expectation; the
+    ceiling is the mean over every caption of every clip."""
+    sets = [set(captions) for captions in clip_captions]
+    scores = []
+    for captions in sets:
+        for q in captions:
+            true = sum(q in other for other in sets)
+            tied = sum(q in other or alternative(q) in other for other in sets)
+            scores.append(true / tied)
+    if not scores:
+        raise ValueError("the gallery has no captions")
+    return float(np.mean(scores))
 
 
 def clip_embeddings(embed_video: emb.EmbedFn, dataset,

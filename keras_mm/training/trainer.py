@@ -504,6 +504,10 @@ def evaluate_video(cfg, model, tokenizer) -> Dict[str, float]:
                 got = video_eval.evaluate_video_retrieval(
                     embed_video, embed_text, split(cfg.eval.split, eval_texts="all"),
                     gallery_size=cfg.eval.gallery_size)
+                if not prefix and _is_moving_digits(folder):
+                    got["retrieval_t2i_r1_frame_average_ceiling"] = _frame_average_ceiling(
+                        split(cfg.eval.split, eval_texts="all"), tokenizer,
+                        cfg.eval.gallery_size)
             elif task == "motion_probe":
                 got = video_eval.evaluate_motion_probe(
                     embed_video if cfg.eval.probe_features == "embedding"
@@ -534,7 +538,32 @@ def evaluate_video(cfg, model, tokenizer) -> Dict[str, float]:
         if "frame_average_motion_probe_top1" in got:
             metrics["motion_probe_frame_average_top1"] = got["frame_average_motion_probe_top1"]
     return {k: v for k, v in metrics.items()
-            if reported(k) or k.startswith(("frame_average_retrieval", "next_"))}
+            if reported(k) or k.startswith(("frame_average_retrieval", "next_"))
+            or k == "retrieval_t2i_r1_frame_average_ceiling"}
+
+
+def _is_moving_digits(folder):
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(os.path.join(folder, "moving_digits.json"))
+
+
+def _frame_average_ceiling(dataset, tokenizer, gallery_size):
+    """``blind_retrieval_r1_ceiling`` of the first ``gallery_size`` clips' captions with
+    moving-digits' time reversal: the best text -> video R@1 a frame-averaging model can get."""
+    import numpy as np
+
+    from keras_mm.beam_jobs.moving_digits import time_reversed_caption
+    from keras_mm.evaluation import video as video_eval
+
+    clips = []
+    for batch in dataset:
+        for texts, n in zip(np.asarray(batch["texts"]), np.asarray(batch["num_texts"])):
+            strings = tokenizer.detokenize(texts[:int(n)]).numpy()
+            clips.append([t.decode() if isinstance(t, bytes) else str(t) for t in strings])
+        if gallery_size is not None and len(clips) >= gallery_size:
+            break
+    return video_eval.blind_retrieval_r1_ceiling(clips[:gallery_size], time_reversed_caption)
 
 
 def pooled_video_features(model):

@@ -347,3 +347,23 @@ def test_bad_flags_are_one_line_errors(tmp_path, argv, message):
         video_tubes.run(argv + ["--out", str(tmp_path / "out")])
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "out" / "stats.json")
+
+
+def test_time_reversed_caption_is_the_caption_of_the_reversed_motion():
+    """Every digit of the clip moving the opposite way at the same speed has exactly the
+    time-reversed captions; reversing twice gives the caption back."""
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    changed = 0
+    for clip in _clips("test", n=60):
+        reversed_layout = [dict(item, direction=opposite[item["direction"]])
+                           for item in clip.layout]
+        expected = moving_digits.captions_for(reversed_layout)
+        got = [moving_digits.time_reversed_caption(c) for c in clip.captions]
+        assert got == expected
+        assert [moving_digits.time_reversed_caption(c) for c in got] == clip.captions
+        changed += sum(a != b for a, b in zip(got, clip.captions))
+    assert changed > 60
+    # whole words only: digits and speeds stay
+    assert (moving_digits.time_reversed_caption("a 4 moves up quickly while a small 9 moves "
+                                                "to the left slowly")
+            == "a 4 moves down quickly while a small 9 moves to the right slowly")

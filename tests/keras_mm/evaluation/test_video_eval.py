@@ -133,3 +133,21 @@ def test_next_utterance_scores_the_generated_future():
     with pytest.raises(ValueError, match="transcript/future"):
         video.evaluate_next_utterance(lambda v, c: None, [{"video": 0, "current": 0}],
                                       _Tokenizer())
+
+
+def test_blind_retrieval_ceiling_by_hand():
+    """Clips: A "x up", B "x down", C "x down", D "y up"; a model blind to up/down ties A, B and
+    C for every x caption. "x up" (1 true of 3 tied) 1/3, "x down" (2 of 3) 2/3 for B and for
+    C, "y up" 1 (no "y down" in the gallery): mean (1/3 + 2/3 + 2/3 + 1) / 4 = 2/3. A model
+    that sees everything (identity alternative) gets 1."""
+    def flip(c):
+        return c.replace("up", "DOWN").replace("down", "up").replace("DOWN", "down")
+
+    gallery = [["x up"], ["x down"], ["x down"], ["y up"]]
+    assert video.blind_retrieval_r1_ceiling(gallery, flip) == pytest.approx(2 / 3)
+    assert video.blind_retrieval_r1_ceiling(gallery, lambda c: c) == 1.0
+    # a second caption shared by every clip is true for all of them: R@1 1 for that query
+    shared = [caps + ["digits"] for caps in gallery]
+    assert video.blind_retrieval_r1_ceiling(shared, flip) == pytest.approx((2 / 3 * 4 + 4) / 8)
+    with pytest.raises(ValueError, match="no captions"):
+        video.blind_retrieval_r1_ceiling([], flip)
