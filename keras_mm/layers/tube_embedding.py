@@ -271,7 +271,8 @@ class SparseTubeEmbedding(keras.layers.Layer):
         config.update(
             width=self.width, tubes=[[list(k), list(s), list(o)] for k, s, o in self.tubes],
             position_embedding=self.position_embedding, temperature=self.temperature,
-            impl=self.impl, kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            impl=self.impl,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer))
         return config
 
