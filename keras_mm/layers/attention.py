@@ -305,14 +305,22 @@ class MultiHeadAttention(keras.layers.Layer):
         return config
 
 
+_JAX_GPUS = ("gpu", "cuda", "rocm")
+
+
 @functools.lru_cache(maxsize=None)
-def _accelerated_jax(backend):
-    """True when ``backend`` is JAX and its default device is a GPU or TPU."""
+def _jax_platform(backend):
+    """JAX's default platform ("cpu", "gpu", "tpu"...) when ``backend`` is JAX, else None."""
     if backend != "jax":
-        return False
+        return None
     import jax
 
-    return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+    return jax.default_backend()
+
+
+def _accelerated_jax(backend):
+    """True when ``backend`` is JAX and its default device is a GPU or TPU."""
+    return _jax_platform(backend) in _JAX_GPUS + ("tpu",)
 
 
 def _use_dot_product(impl, q):
@@ -321,15 +329,6 @@ def _use_dot_product(impl, q):
         return (_accelerated_jax(keras.backend.backend())
                 and (q.shape[1] is None or q.shape[1] > 1))
     return impl == "dot_product"
-
-
-def _cuda_jax():
-    """True when the backend is JAX and its default device is an NVIDIA / AMD GPU."""
-    if keras.backend.backend() != "jax":
-        return False
-    import jax
-
-    return jax.default_backend() in ("gpu", "cuda", "rocm")
 
 
 def fused_attention(q, k, v, mask, scale, is_causal=False, pad_to_even=None):
@@ -343,7 +342,7 @@ def fused_attention(q, k, v, mask, scale, is_causal=False, pad_to_even=None):
     real query), so the result equals the unpadded attention."""
     n, s = q.shape[1], k.shape[1]
     if pad_to_even is None:
-        pad_to_even = _cuda_jax()
+        pad_to_even = _jax_platform(keras.backend.backend()) in _JAX_GPUS
     pad_q = bool(pad_to_even) and n is not None and n % 2 == 1
     pad_k = bool(pad_to_even) and s is not None and s % 2 == 1
     if pad_q:
