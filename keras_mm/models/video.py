@@ -162,7 +162,7 @@ def build_mvgpt(preset="tiny", *, encoder="tubevit", vocab_size=None, max_len=No
                       name=f"mvgpt_{preset}")
 
 
-def initialize_video_tower(model, variables, *, resize="bilinear"):
+def initialize_video_tower(model, variables, *, resize="bilinear", position_table=True):
     """Initialises a built video model from another run's variables (``{path: array}``,
     ``keras_mm.training.checkpoint.read_model_variables``): TubeViT's image-to-video path.
 
@@ -176,13 +176,19 @@ def initialize_video_tower(model, variables, *, resize="bilinear"):
     the tube's frames and resized to its spatial size; a static clip gives the 2-D embedding's
     tokens). A frame-average or TubeViT tower of the same shape loads as is.
 
+    ``position_table=False`` drops the source's learned position table instead: a plain TubeViT
+    (fixed 3-D sin-cos tube positions, which place tokens in time as well as in space) then
+    starts from the rest of the image model; a target's own learned table keeps its
+    initialisation.
+
     Every variable of the source's video tower must be used, and every variable of the target's
     video tower must be set (the TubeViT position gate excepted: it starts at 0); outside the
     video tower (text tower, logit scale, decoder), variables of equal path and shape are
     copied and the rest keep their initialisation.
 
     Returns:
-      ``{"copied": [paths], "inflated": [paths], "kept": [paths]}`` (target paths).
+      ``{"copied": [paths], "inflated": [paths], "kept": [paths], "dropped": [paths]}``
+      (target paths; "dropped": the source's, relative to its model).
 
     Raises:
       ValueError: a path of both with different shapes (another preset or vocabulary), a
@@ -201,8 +207,12 @@ def initialize_video_tower(model, variables, *, resize="bilinear"):
     for path, value in variables.items():
         rel = path[len(prefix):] if path.startswith(prefix) else path
         source[rel.replace(tower + "frame_encoder/", tower)] = np.asarray(value)
+    table = tower + "position_embedding/"
+    dropped = [] if position_table else sorted(k for k in source if k.startswith(table))
+    for key in dropped:
+        del source[key]
     used = set()
-    report = {"copied": [], "inflated": [], "kept": []}
+    report = {"copied": [], "inflated": [], "kept": [], "dropped": dropped}
     own = model.name + "/"
     pending = []
     for variable in model.variables:
@@ -219,7 +229,8 @@ def initialize_video_tower(model, variables, *, resize="bilinear"):
             report["copied"].append(variable.path)
         elif rel.startswith(tower + "tube_embedding/"):
             report["inflated"].append(variable.path)
-        elif rel.startswith(tower) and not rel.endswith("position_gate"):
+        elif (rel.startswith(tower) and not rel.endswith("position_gate")
+              and not (dropped and rel.startswith(table))):
             raise ValueError(f"{rel}: the checkpoint's video tower has no such variable (its "
                              "architecture differs: pooling, depth, or a position table that "
                              "needs model.video.image_position_embedding=true)")

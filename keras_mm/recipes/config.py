@@ -159,6 +159,10 @@ class VideoConfig:
       position_gate_init: that variant's gate ``alpha`` at the start (``tanh(alpha)`` scales the
         fixed tube embeddings, TubeViT's only positions in time); 0 keeps an image model's
         tokens exactly.
+      init_position_table: with ``model.init_checkpoint`` from a frame-average run, load its
+        learned position table (into the image position variant); false: drop it, so a plain
+        TubeViT keeps its fixed 3-D tube positions (in time as well as space) and takes the
+        rest of the image model.
     """
 
     encoder: Literal["tubevit", "frame_average"] = "tubevit"
@@ -168,6 +172,7 @@ class VideoConfig:
     mvgpt_backward_weight: float = 1.0
     image_position_embedding: bool = False
     position_gate_init: float = 0.0
+    init_position_table: bool = True
 
 
 @dataclasses.dataclass

@@ -200,19 +200,22 @@ def _build_video(cfg, tokenizer):
         label_smoothing=c.label_smoothing, **common)
 
 
-def _init_video_tower(model, path):
+def _init_video_tower(cfg, model, path):
     """A fresh video run starts from ``model.init_checkpoint`` (image-to-video for TubeViT)."""
     from keras_mm.models import video as video_models
     from keras_mm.training import checkpoint
 
     try:
-        report = video_models.initialize_video_tower(model, checkpoint.read_model_variables(path))
+        report = video_models.initialize_video_tower(
+            model, checkpoint.read_model_variables(path),
+            position_table=cfg.model.video.init_position_table)
     except (ValueError, checkpoint.CheckpointError) as e:
         raise config_lib.ConfigError(f"model.init_checkpoint: {e}") from e
     LOG.info("initialised from %s: %d variables copied, %d tube kernels / biases inflated from "
-             "the 2-D patch embedding, %d kept at their initialisation (%s)", path,
+             "the 2-D patch embedding, %d kept at their initialisation (%s), %d dropped", path,
              len(report["copied"]), len(report["inflated"]), len(report["kept"]),
-             ", ".join(p.split("/", 1)[-1] for p in report["kept"][:6]) or "none")
+             ", ".join(p.split("/", 1)[-1] for p in report["kept"][:6]) or "none",
+             len(report["dropped"]))
     return report
 
 
@@ -327,7 +330,7 @@ def train(cfg, *, extra_callbacks=(), verbose="auto"):
                       jit_compile=cfg.train.jit_compile,
                       steps_per_execution=cfg.train.steps_per_execution)
     if initial_step == 0 and cfg.model.kind in VIDEO_KINDS and cfg.model.init_checkpoint:
-        _init_video_tower(model, cfg.model.init_checkpoint)
+        _init_video_tower(cfg, model, cfg.model.init_checkpoint)
     log_dir = os.path.join(cfg.train.out_dir, "tensorboard")
     callbacks = cb.training_callbacks(ckpt, initial_step, cfg.train.checkpoint_every,
                                       log_dir=log_dir, log_every=cfg.train.log_every,

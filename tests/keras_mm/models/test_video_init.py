@@ -129,3 +129,31 @@ def test_mismatches_are_clear_errors_and_change_nothing(tmp_path):
         initialize_video_tower(plain, {"two_tower/image_encoder/x": np.zeros(3)})
     with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
         checkpoint.read_model_variables(str(tmp_path / "nope"))
+
+
+def test_dropping_the_position_table_starts_a_plain_tubevit(tmp_path):
+    """``position_table=False``: the frame-average run's learned 2-D position table is dropped
+    and a plain TubeViT (fixed 3-D tube positions) takes everything else; a target with its own
+    learned table keeps that table's initialisation."""
+    source = _frame_average_run(tmp_path)
+    variables = checkpoint.read_model_variables(str(tmp_path))
+    plain = _model("tubevit", seed=1)
+    report = initialize_video_tower(plain, variables, position_table=False)
+    assert report["dropped"] == ["video_encoder/position_embedding/embeddings"]
+    assert not [p for p in report["kept"] if "video_encoder" in p]
+    assert len(report["inflated"]) == 2 * len(TUBES)
+    src = {v.path.replace("frame_encoder/", ""): _np(v) for v in source.variables}
+    for v in plain.variables:
+        if v.path in report["copied"]:
+            np.testing.assert_array_equal(_np(v), src[v.path], err_msg=v.path)
+    assert any("encoder/block_1" in p for p in report["copied"])
+    # the clips' tokens carry time: a clip and its time reversal now embed differently
+    clip = np.random.default_rng(5).normal(size=(2, 4, 16, 16, 3)).astype("float32")
+    forward, backward = _np(plain.embed_image(clip)), _np(plain.embed_image(clip[:, ::-1]))
+    assert not np.allclose(forward, backward, atol=1e-4)
+
+    gated = _model("tubevit", seed=1, image_position_embedding=True)
+    table = _np(gated.image_encoder.position_embedding.embeddings)
+    report = initialize_video_tower(gated, variables, position_table=False)
+    np.testing.assert_array_equal(_np(gated.image_encoder.position_embedding.embeddings), table)
+    assert any(p.endswith("position_embedding/embeddings") for p in report["kept"])
