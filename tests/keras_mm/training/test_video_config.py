@@ -24,3 +24,30 @@ def test_position_gate_init_needs_the_image_position_variant(recipe):
     cfg.model.video.position_gate_init = 1.0
     with pytest.raises(config_lib.ConfigError, match="position_gate_init"):
         trainer._build_video(cfg, TOKENIZER)
+
+
+def test_init_position_table_reaches_the_initialisation(tmp_path):
+    """``model.video.init_position_table=false`` lets a plain TubeViT recipe start from a
+    frame-average run (its learned table dropped); with the default the same start is a clear
+    config error that names the image position variant."""
+    import numpy as np
+
+    from keras_mm.training import checkpoint
+
+    def built(cfg):
+        model = trainer._build_video(cfg, TOKENIZER)
+        model({"video": np.zeros((1, 8, 32, 32, 3), "float32"),
+               "text": np.ones((1, cfg.data.input.max_text_len), "int32")})
+        return model
+
+    source = built(video_recipes.frame_average_moving_digits())
+    checkpoint.Checkpointer(str(tmp_path), write=True).save(1, source)
+    cfg = video_recipes.tubevit_moving_digits()
+    with pytest.raises(config_lib.ConfigError, match="image_position_embedding"):
+        trainer._init_video_tower(cfg, built(cfg), str(tmp_path))
+    cfg.model.video.init_position_table = False
+    model = built(cfg)
+    report = trainer._init_video_tower(cfg, model, str(tmp_path))
+    assert report["dropped"] == ["video_encoder/position_embedding/embeddings"]
+    np.testing.assert_array_equal(
+        np.asarray(model.text_encoder.variables[0]), np.asarray(source.text_encoder.variables[0]))
