@@ -6,7 +6,10 @@ motion, two-segment transcripts.
   TubeViT video tower (``model.video.tubes="clip8"``: four sparse tube shapes, 98 tokens,
   ``keras_mm.encoders.presets.TUBE_SETS``).
 * ``tubevit_from_frames_moving_digits``: TubeViT started from a frame-average run (the paper's
-  image-to-video initialisation; ``--set model.init_checkpoint=RUN``).
+  image-to-video initialisation; ``--set model.init_checkpoint=RUN``). The plain
+  ``tubevit_moving_digits`` starts from one too with ``--set model.init_checkpoint=RUN --set
+  model.video.init_position_table=false``: the run's learned position table is dropped and the
+  fixed 3-D tube positions (in time as well as space) stay.
 * ``frame_average_moving_digits``: the same with the frame-averaging tower (the tiny ViT, patch
   8, on every frame, embeddings averaged over time): the baseline that sees every frame but not
   their order, so it cannot tell "moves left" from "moves right".
