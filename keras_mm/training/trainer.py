@@ -200,11 +200,12 @@ def _build_video(cfg, tokenizer):
         label_smoothing=c.label_smoothing, **common)
 
 
-def _init_video_tower(cfg, model, path):
+def _init_video_tower(cfg, model):
     """A fresh video run starts from ``model.init_checkpoint`` (image-to-video for TubeViT)."""
     from keras_mm.models import video as video_models
     from keras_mm.training import checkpoint
 
+    path = cfg.model.init_checkpoint
     try:
         report = video_models.initialize_video_tower(
             model, checkpoint.read_model_variables(path),
@@ -330,7 +331,7 @@ def train(cfg, *, extra_callbacks=(), verbose="auto"):
                       jit_compile=cfg.train.jit_compile,
                       steps_per_execution=cfg.train.steps_per_execution)
     if initial_step == 0 and cfg.model.kind in VIDEO_KINDS and cfg.model.init_checkpoint:
-        _init_video_tower(cfg, model, cfg.model.init_checkpoint)
+        _init_video_tower(cfg, model)
     log_dir = os.path.join(cfg.train.out_dir, "tensorboard")
     callbacks = cb.training_callbacks(ckpt, initial_step, cfg.train.checkpoint_every,
                                       log_dir=log_dir, log_every=cfg.train.log_every,

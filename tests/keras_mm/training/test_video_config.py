@@ -43,11 +43,12 @@ def test_init_position_table_reaches_the_initialisation(tmp_path):
     source = built(video_recipes.frame_average_moving_digits())
     checkpoint.Checkpointer(str(tmp_path), write=True).save(1, source)
     cfg = video_recipes.tubevit_moving_digits()
+    cfg.model.init_checkpoint = str(tmp_path)
     with pytest.raises(config_lib.ConfigError, match="image_position_embedding"):
-        trainer._init_video_tower(cfg, built(cfg), str(tmp_path))
+        trainer._init_video_tower(cfg, built(cfg))
     cfg.model.video.init_position_table = False
     model = built(cfg)
-    report = trainer._init_video_tower(cfg, model, str(tmp_path))
+    report = trainer._init_video_tower(cfg, model)
     assert report["dropped"] == ["video_encoder/position_embedding/embeddings"]
     np.testing.assert_array_equal(
         np.asarray(model.text_encoder.variables[0]), np.asarray(source.text_encoder.variables[0]))
