@@ -58,6 +58,7 @@ def _context_kwargs(kind, batch):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.jax_all_cases
 def test_captioning_pass_is_causal_and_uses_the_image(kind):
     model = _model(kind)
     batch = _inputs(kind, _batch())
@@ -76,6 +77,7 @@ def test_captioning_pass_is_causal_and_uses_the_image(kind):
 
 
 @pytest.mark.parametrize("kind", ["coca", "mammut"])
+@pytest.mark.jax_all_cases
 def test_contrastive_text_never_sees_the_image(kind):
     model = _model(kind)
     batch, other = _batch(), _batch(seed=1)
@@ -159,6 +161,7 @@ def test_pali_prompt_padding_is_invisible_and_prompt_matters():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.jax_all_cases
 def test_loss_is_the_papers_weighted_sum(kind):
     model = _model(kind)
     batch = _inputs(kind, _batch())
@@ -218,6 +221,7 @@ def test_mammut_focal_loss_is_ro_vits():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.jax_all_cases
 def test_greedy_generation_equals_full_redecoding(kind):
     model = _model(kind)
     batch = _inputs(kind, _batch())
@@ -258,6 +262,7 @@ def test_score_texts_is_the_caption_log_likelihood(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.jax_all_cases
 def test_fit_learns_the_batch(kind):
     model = _model(kind)
     batch = _inputs(kind, _batch(n=8))
@@ -278,6 +283,7 @@ def test_blind_model_ignores_the_image():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.jax_all_cases
 def test_serialization_round_trip(kind):
     model = _model(kind)
     batch = _inputs(kind, _batch())

@@ -44,6 +44,7 @@ def _np(x):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.jax_all_cases
 def test_negatives_are_embedded_and_join_the_image_to_text_softmax(kind):
     model = _model(kind)
     batch = _batch()

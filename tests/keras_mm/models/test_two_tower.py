@@ -14,6 +14,7 @@ from keras_mm.encoders.text import TextEncoder
 from keras_mm.encoders.vit import ViTEncoder
 from keras_mm.models.two_tower import TwoTowerModel, build_two_tower, locked_image_tower
 from tests.keras_mm.serialization import assert_serialization_round_trip
+from tests.xla_flags import xla_flags
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "fit_two_tower.py"
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -115,7 +116,7 @@ def test_build_two_tower_presets():
 
 def _fit(tmp_path, replicas, backend="tensorflow", *extra):
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=str(ROOT),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2", TF_CPP_MIN_LOG_LEVEL="2")
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"), TF_CPP_MIN_LOG_LEVEL="2")
     out = tmp_path / f"{backend}_{replicas}_{'_'.join(extra)}.npz"
     result = subprocess.run([sys.executable, str(SCRIPT), str(out), "--replicas", str(replicas),
                              *extra], env=env, capture_output=True, text=True, timeout=300)

@@ -95,6 +95,7 @@ def test_initialised_tubevit_embeds_a_frame_as_the_frame_average_model(tmp_path)
 
 
 @pytest.mark.parametrize("encoder", ["tubevit", "frame_average"])
+@pytest.mark.jax_all_cases
 def test_same_architecture_loads_whole(tmp_path, encoder):
     source = _model(encoder, seed=0)
     checkpoint.Checkpointer(str(tmp_path), write=True).save(3, source)

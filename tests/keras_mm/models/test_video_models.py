@@ -104,6 +104,7 @@ def test_builders_pick_the_video_towers():
 
 
 @pytest.mark.parametrize("encoder", ["tubevit", "frame_average"])
+@pytest.mark.jax_all_cases
 def test_video_two_tower_reads_the_video_key_trains_and_serializes(encoder):
     model = _two_tower(encoder)
     batch = {"video": _video(n=8), "text": _text(n=8)}
@@ -248,6 +249,7 @@ def test_mvgpt_loss_weights_and_forward_only_ablation():
 
 @pytest.mark.both_backends
 @pytest.mark.parametrize("encoder", ["tubevit", "frame_average"])
+@pytest.mark.jax_all_cases
 def test_mvgpt_sees_the_frames_unless_use_frames_is_false(encoder):
     batch = _batch()
     other = dict(batch, video=_video(seed=7))

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from tests.xla_flags import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 SCRIPT = r'''
@@ -90,7 +92,7 @@ print("RESULT " + json.dumps(result))
 @pytest.mark.slow
 def test_expert_parallel_matches_unsharded_layer():
     env = dict(os.environ, KERAS_BACKEND="jax",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]

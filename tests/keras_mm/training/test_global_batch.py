@@ -90,8 +90,10 @@ def test_mirrored_strategy_two_replicas_equals_single_device():
 
 
 def test_jax_two_host_devices_equals_single_device():
+    from tests.xla_flags import xla_flags      # not at the top: this file also runs as a script
+
     report, tail = run_worker("jax", {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
-                                      "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                                      "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")})
     sigmoid_modes = ("sigmoid_jit_sharded", "sigmoid_ring_mesh", "sigmoid_ring_keras_dp",
                      "sigmoid_shard_map_gathered", "sigmoid_shard_map_ring", "sigmoid_ring_4_devices")
     expected = [f"{mode}/{what}" for mode in sigmoid_modes

@@ -17,6 +17,7 @@ import pytest
 
 from keras_mm.training import strategy as S
 from tests.keras_mm.training.scripts.distributed_checks import run_check
+from tests.xla_flags import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 TF_ONLY = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow backend")
@@ -159,7 +160,8 @@ def test_mirrored_two_logical_cpus_fit_equals_one_device_and_checkpoints_restore
 
 @pytest.mark.slow
 def test_jax_data_parallel_two_host_devices(tmp_path):
-    env = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {"KERAS_BACKEND": "jax",
+           "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")}
     report = run_check("jax_data_parallel", tmp_path, env=env)
     assert report["jax_devices"] == 2
     assert report["distribution"] == "DataParallel"
