@@ -18,7 +18,8 @@ label       int64 ``[B]``                   label-as-text datasets only
 
 With ``InputConfig.hard_negatives`` training batches also hold ``text_negative`` (int32
 ``[B, L]``: the chosen caption with one word of a configured group swapped, NegCLIP) and
-``negative_valid`` (bool ``[B]``).
+``negative_valid`` (bool ``[B]``); with ``InputConfig.contrastive_caption`` they hold
+``text_contrastive`` (int32 ``[B, L]``: a second caption, for a captioner's contrastive head).
 
 With ``InputConfig.render_text`` (CLIPPO: captions rendered as images by
 :class:`~keras_mm.pipelines.ops.render_text.TextRenderer`, no tokenizer needed):
@@ -114,6 +115,13 @@ class InputConfig:
       max_text_len: token sequence length L.
       add_bos: start token sequences with BOS (decoders); EOS always ends them.
       train_caption: "random" (one caption per example, uniformly) or "first".
+      contrastive_caption: "" (a contrastive head uses ``text``) or a caption mode ("random",
+        "first") for a second caption, drawn independently of ``text``: training batches then
+        also hold ``text_contrastive`` (tokenized like ``text``). For captioners with a
+        contrastive head (CoCa, MaMMUT): they caption ``text`` and contrast
+        ``text_contrastive``, and identical captions in a batch are left out of each other's
+        softmax instead of being negatives (``softmax_contrastive_loss(text_ids=...)``).
+        Image-text datasets with tokenized text only.
       hard_negatives: word groups for hard negative captions (NegCLIP; ``""``: none), groups
         separated by "|", words by spaces, e.g. ``"0 1 2 3 4 5 6 7 8 9|small large|left
         right"``: training batches then also hold ``text_negative`` (the chosen caption with
@@ -175,6 +183,7 @@ class InputConfig:
     max_text_len: int = 64
     add_bos: bool = False
     train_caption: str = "random"
+    contrastive_caption: str = ""
     hard_negatives: str = ""
     eval_texts: str = "first"
     eval_max_texts: int = 5
@@ -216,6 +225,9 @@ class InputConfig:
              f"value_range must be one of {VALUE_RANGES}, got {self.value_range!r}"),
             (self.train_caption in ("random", "first"),
              f"train_caption must be 'random' or 'first', got {self.train_caption!r}"),
+            (self.contrastive_caption in ("", "random", "first"),
+             f"contrastive_caption must be '', 'random' or 'first', got "
+             f"{self.contrastive_caption!r}"),
             (self.eval_texts in ("first", "all"),
              f"eval_texts must be 'first' or 'all', got {self.eval_texts!r}"),
             (self.image_size > 0, f"image_size must be positive, got {self.image_size}"),
@@ -250,6 +262,9 @@ class InputConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"InputConfig: {message}")
+        if self.contrastive_caption and (self.render_text or self.prompt_mixture):
+            raise ValueError("InputConfig: contrastive_caption needs tokenized captions (no "
+                             "render_text / prompt_mixture)")
         if self.hard_negatives:
             if self.render_text or self.prompt_mixture:
                 raise ValueError("InputConfig: hard_negatives needs tokenized captions (no "
@@ -407,6 +422,16 @@ def _train_preprocess(kind: str, config: InputConfig, tokenizer: Tokenizer):
 
     prompts = prompt_mixture_op(config, tokenizer) if config.prompt_mixture else None
 
+    contrastive = None
+    if config.contrastive_caption:
+        contrastive = image_ops.compose(
+            _derived_seed(CONTRASTIVE_SEED_KEY, CONTRASTIVE_CAPTION_SALT),
+            text_ops.choose_caption(config.contrastive_caption, key=F.TEXTS,
+                                    out_key="text_contrastive", seed_key=CONTRASTIVE_SEED_KEY),
+            text_ops.tokenize(tokenizer, config.max_text_len, key="text_contrastive",
+                              add_bos=config.add_bos, add_eos=True))
+        text_keys = text_keys + ("text_contrastive",)
+
     negatives = None
     if config.negative_groups():
         negative = text_ops.hard_negative(config.negative_groups(), key="text",
@@ -420,6 +445,8 @@ def _train_preprocess(kind: str, config: InputConfig, tokenizer: Tokenizer):
         features = dict(F.parse(serialized, kind))
         features[image_ops.SEED_KEY] = seed
         features = caption(images(features))
+        if contrastive is not None:
+            features = contrastive(features)
         if negatives is not None:
             features = negatives(features)
         if prompts is not None:
@@ -430,6 +457,22 @@ def _train_preprocess(kind: str, config: InputConfig, tokenizer: Tokenizer):
         return _select(text_op(features), kind, text_keys=text_keys_here)
 
     return fn
+
+
+CONTRASTIVE_SEED_KEY = "_contrastive_seed"
+CONTRASTIVE_CAPTION_SALT = 0x636F6E74        # "cont": its draw is independent of ``text``'s
+
+
+def _derived_seed(out_key: str, salt: int):
+    """An op adding ``features[out_key]``: the example's seed folded with ``salt``."""
+
+    def op(features):
+        features = dict(features)
+        features[out_key] = tf.random.experimental.stateless_fold_in(
+            tf.cast(features[image_ops.SEED_KEY], tf.int64), salt)
+        return features
+
+    return op
 
 
 def prompt_mixture_op(config: InputConfig, tokenizer: Tokenizer):
@@ -675,6 +718,7 @@ def _check_video_config(config) -> None:
         (not config.render_text, "render_text does not apply to video"),
         (not config.prompt_mixture, "prompt_mixture does not apply to video"),
         (not config.hard_negatives, "hard_negatives does not apply to video (yet)"),
+        (not config.contrastive_caption, "contrastive_caption does not apply to video (yet)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -47,6 +47,16 @@ def _local_labels(num_rows, label_offset):
     return ops.arange(num_rows, dtype="int32") + ops.cast(label_offset, "int32")
 
 
+def _duplicate_captions(text_ids, global_text_ids, labels):
+    """[N, G] bool: local caption i equals global caption j (all token ids), j not i's own pair."""
+    text_ids = ops.cast(text_ids, "int32")
+    global_text_ids = text_ids if global_text_ids is None else ops.cast(global_text_ids, "int32")
+    same = ops.all(ops.equal(text_ids[:, None, :], global_text_ids[None, :, :]), axis=-1)
+    own = ops.equal(ops.arange(ops.shape(global_text_ids)[0], dtype="int32")[None, :],
+                    labels[:, None])
+    return ops.logical_and(same, ops.logical_not(own))
+
+
 def _cross_entropy_sum(logits, labels):
     """sum_i (logsumexp_j logits[i, j] - logits[i, labels[i]]); logits [N, M] float32, labels [N]."""
     positive = ops.take_along_axis(logits, ops.expand_dims(labels, 1), axis=1)[:, 0]  # [N]
@@ -64,6 +74,8 @@ def softmax_contrastive_loss(
     max_scale=CLIP_MAX_LOGIT_SCALE,
     global_negative_emb=None,
     global_negative_valid=None,
+    text_ids=None,
+    global_text_ids=None,
 ):
     """CLIP loss: mean of image->text and text->image softmax cross-entropy (share of the global batch).
 
@@ -83,6 +95,13 @@ def softmax_contrastive_loss(
             text->image and the normalisation are unchanged.
         global_negative_valid: [G] bool, which negatives exist (False columns are left out), or None
             for all.
+        text_ids: [N, L] int token ids of the local captions, or None. Pairs whose captions are
+            identical (equal ids) are each other's true pairs too (a caption grammar or a
+            dataset repeats captions: "a 3 and a 7" for many images), so they are left out of
+            each other's image->text and text->image softmax: neither negative nor positive.
+            Every row keeps its own pair as its positive.
+        global_text_ids: [G, L] token ids of the whole global batch (with the global arrays), or
+            None when the local rows are the whole batch.
 
     Returns:
         float32 scalar: (sum over the 2N local rows of the cross-entropy) / (2G), with
@@ -103,6 +122,11 @@ def softmax_contrastive_loss(
     scale = logit_scale(log_scale, max_scale)
     labels = _local_labels(ops.shape(image_emb)[0], label_offset)  # [N]
     logits_i2t = scale * ops.matmul(image_emb, ops.transpose(global_text_emb))  # [N, G]
+    logits_t2i = scale * ops.matmul(text_emb, ops.transpose(global_image_emb))  # [N, G]
+    if text_ids is not None:
+        duplicate = _duplicate_captions(text_ids, global_text_ids, labels)      # [N, G]
+        logits_i2t = ops.where(duplicate, _MASKED_LOGIT, logits_i2t)
+        logits_t2i = ops.where(duplicate, _MASKED_LOGIT, logits_t2i)
     if global_negative_emb is not None:
         negative = scale * ops.matmul(
             image_emb, ops.transpose(ops.cast(global_negative_emb, "float32")))  # [N, G]
@@ -110,7 +134,6 @@ def softmax_contrastive_loss(
             negative = ops.where(ops.cast(global_negative_valid, "bool")[None, :], negative,
                                  _MASKED_LOGIT)
         logits_i2t = ops.concatenate([logits_i2t, negative], axis=1)  # [N, 2G]
-    logits_t2i = scale * ops.matmul(text_emb, ops.transpose(global_image_emb))  # [N, G]
     total = _cross_entropy_sum(logits_i2t, labels) + _cross_entropy_sum(logits_t2i, labels)
     global_batch = ops.cast(ops.shape(global_text_emb)[0], "float32")
     return total / (2.0 * global_batch)

@@ -27,7 +27,7 @@ from keras import ops
 
 from keras_mm.layers.attentional_pooler import AttentionalPooler
 from keras_mm.models.captioning import ContrastiveCaptionerModel, teacher_forcing
-from keras_mm.models.two_tower import embed_negatives, l2_normalize
+from keras_mm.models.two_tower import contrastive_caption, embed_negatives, l2_normalize
 
 
 @keras.saving.register_keras_serializable(package="keras_mm")
@@ -128,7 +128,9 @@ class CoCaModel(ContrastiveCaptionerModel):
         return l2_normalize(self._text_pass(inputs, training=training)[0])
 
     def call(self, inputs, training=False):
-        """{"image", "text"} -> {"image_emb", "text_emb", "logits" [B, L-1, V], "t"(, "b")}."""
+        """{"image", "text"} -> {"image_emb", "text_emb", "logits" [B, L-1, V], "t"(, "b")}.
+        With ``text_contrastive`` (a second caption), ``text_emb`` is that caption's and
+        ``text_ids`` its token ids; ``text`` is still the one captioned."""
         tokens = self.image_tokens(inputs["image"], training=training)
         image_emb = l2_normalize(self.contrastive_pooler(tokens)[:, 0])
         context = self._blinded(self.caption_pooler(tokens))
@@ -136,7 +138,8 @@ class CoCaModel(ContrastiveCaptionerModel):
         text_emb, logits = self._text_pass(text_inputs, context, training=training)
         out = {"image_emb": image_emb, "text_emb": l2_normalize(text_emb), "logits": logits,
                "t": self.logits.scale, **self.caption_terms(logits, inputs["text"]),
-               **embed_negatives(self.embed_text, inputs, training)}
+               **embed_negatives(self.embed_text, inputs, training),
+               **contrastive_caption(self.embed_text, inputs, training)}
         if self.logits.bias is not None:
             out["b"] = ops.cast(self.logits.bias, "float32")
         return out

@@ -22,7 +22,8 @@ from keras import ops
 
 from keras_mm.layers import pooling
 from keras_mm.models.captioning import ContrastiveCaptionerModel, teacher_forcing
-from keras_mm.models.two_tower import embed_negatives, hard_negatives, l2_normalize
+from keras_mm.models.two_tower import (contrastive_caption, duplicate_captions, embed_negatives,
+                                       hard_negatives, l2_normalize)
 from keras_mm.training import global_batch
 
 CONTRASTIVE_LOSSES = ("softmax", "focal")
@@ -99,27 +100,31 @@ class MaMMUTModel(ContrastiveCaptionerModel):
 
     def call(self, inputs, training=False):
         """{"image" (``visual_key``), "text"} -> {"image_emb", "text_emb", "logits",
-        "caption_loss", "token_accuracy", "t"}."""
+        "caption_loss", "token_accuracy", "t"}; with ``text_contrastive`` (a second caption) the
+        contrastive pass reads it instead of ``text``, and ``text_ids`` holds its token ids."""
         image_emb, tokens = self._image(inputs[self.visual_key], training=training)
         text_inputs, _ = teacher_forcing(inputs["text"])
-        text_emb = self.contrastive_text(text_inputs, training=training)
+        contrastive = contrastive_caption(self.embed_text, inputs, training)
+        if not contrastive:
+            contrastive = {"text_emb": self.contrastive_text(text_inputs, training=training)}
         logits = self.decoder(text_inputs, self._blinded(tokens), training=training)
-        return {"image_emb": image_emb, "text_emb": text_emb, "logits": logits,
-                "t": self.logits.scale, **self.caption_terms(logits, inputs["text"]),
+        return {"image_emb": image_emb, "logits": logits, "t": self.logits.scale, **contrastive,
+                **self.caption_terms(logits, inputs["text"]),
                 **embed_negatives(self.embed_text, inputs, training)}
 
     def contrastive_share(self, x, y, y_pred, sample_weight=None, training=True):
-        negatives = hard_negatives(y_pred)
+        negatives, duplicates = hard_negatives(y_pred), duplicate_captions(y_pred)
         if self.contrastive == "focal":
-            if negatives:
-                raise ValueError("hard negative captions (text_negative) need the softmax "
+            if negatives or duplicates:
+                raise ValueError("hard negative captions (text_negative) and a contrastive "
+                                 "caption of its own (text_contrastive) need the softmax "
                                  "contrastive loss, not focal")
             return global_batch.global_focal_loss(
                 y_pred["image_emb"], y_pred["text_emb"], 1.0 / self.logits.scale,
                 gamma=self.focal_gamma)
         return global_batch.global_softmax_loss(
             y_pred["image_emb"], y_pred["text_emb"], self.logits.log_scale,
-            max_scale=self.logits.max_scale, **negatives)
+            max_scale=self.logits.max_scale, **negatives, **duplicates)
 
     def get_config(self):
         config = keras.Model.get_config(self)

@@ -45,6 +45,23 @@ def embed_negatives(embed_text, inputs, training=False):
     return out
 
 
+def contrastive_caption(embed_text, inputs, training=False):
+    """The contrastive outputs of a captioner's ``call`` when the batch has a caption of its own
+    for the contrastive head (``text_contrastive``, ``InputConfig.contrastive_caption``):
+    ``{"text_emb": its normalised embedding, "text_ids": its token ids}`` (the ids mark
+    identical captions for the loss, :func:`duplicate_captions`); ``{}`` without."""
+    if "text_contrastive" not in inputs:
+        return {}
+    ids = ops.cast(inputs["text_contrastive"], "int32")
+    return {"text_emb": embed_text(ids, training=training), "text_ids": ids}
+
+
+def duplicate_captions(y_pred):
+    """``global_softmax_loss`` kwargs that leave identical captions out of each other's softmax
+    (``{}`` when ``y_pred`` has no ``text_ids``)."""
+    return {"text_ids": y_pred["text_ids"]} if "text_ids" in y_pred else {}
+
+
 def hard_negatives(y_pred):
     """``global_softmax_loss`` kwargs of the hard negatives in ``y_pred`` (``{}`` without)."""
     if "negative_text_emb" not in y_pred:
@@ -131,8 +148,12 @@ class TwoTowerModel(keras.Model):
             y_pred = self(x, training=training)
         image_emb, text_emb = y_pred["image_emb"], y_pred["text_emb"]
         negatives = hard_negatives(y_pred)
+        duplicates = duplicate_captions(y_pred)
         if negatives and self.loss_type != "softmax":
             raise ValueError("hard negative captions (text_negative) need the softmax loss")
+        if duplicates and self.loss_type != "softmax":
+            raise ValueError("a contrastive caption of its own (text_contrastive) needs the "
+                             "softmax loss")
         if self.loss_type == "sigmoid":
             loss = global_batch.global_sigmoid_loss(
                 image_emb, text_emb, self.logits.log_scale, self.logits.bias,
@@ -140,7 +161,7 @@ class TwoTowerModel(keras.Model):
         else:
             loss = global_batch.global_softmax_loss(
                 image_emb, text_emb, self.logits.log_scale, max_scale=self.logits.max_scale,
-                **negatives)
+                **negatives, **duplicates)
         if self.losses:  # regularisers (none by default), split evenly over replicas
             _, replicas = global_batch.replica_info()
             loss = loss + ops.sum(self.losses) / replicas

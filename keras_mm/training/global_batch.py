@@ -138,7 +138,7 @@ def local_row_offset(x, axis_name=None):
 
 # ------------------------------------------------------------------------------------------ global losses
 def global_softmax_loss(image_emb, text_emb, log_scale, *, max_scale=CLIP_MAX_LOGIT_SCALE, axis_name=None,
-                        negative_emb=None, negative_valid=None):
+                        negative_emb=None, negative_valid=None, text_ids=None):
     """CLIP loss over the global batch: this program's share (see the module docstring).
 
     Args:
@@ -150,6 +150,8 @@ def global_softmax_loss(image_emb, text_emb, log_scale, *, max_scale=CLIP_MAX_LO
         negative_emb: [N, D] local L2-normalised hard negative captions (NegCLIP) or None: gathered,
             they join every image's image->text softmax (``softmax_contrastive_loss``).
         negative_valid: [N] bool, which local negatives exist, or None for all.
+        text_ids: [N, L] local caption token ids, or None: gathered, identical captions of the
+            global batch are left out of each other's softmax (``softmax_contrastive_loss``).
 
     Returns:
         float32 scalar share: sum over the local rows of (CE_i2t + CE_t2i) / (2 G).
@@ -161,6 +163,9 @@ def global_softmax_loss(image_emb, text_emb, log_scale, *, max_scale=CLIP_MAX_LO
         negatives["global_negative_emb"] = gather(ops.cast(negative_emb, "float32"), axis_name)
         if negative_valid is not None:
             negatives["global_negative_valid"] = gather(ops.cast(negative_valid, "int32"), axis_name) > 0
+    if text_ids is not None:
+        negatives["text_ids"] = ops.cast(text_ids, "int32")
+        negatives["global_text_ids"] = gather(negatives["text_ids"], axis_name)
     return softmax_contrastive_loss(
         image_emb, text_emb, log_scale,
         global_image_emb=gather(image_emb, axis_name), global_text_emb=gather(text_emb, axis_name),

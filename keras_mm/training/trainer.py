@@ -57,6 +57,10 @@ def build_model(cfg, tokenizer):
     if m.kind not in MODEL_KINDS:
         raise config_lib.ConfigError(f"model.kind {m.kind!r}: valid kinds: "
                                      f"{', '.join(MODEL_KINDS)}")
+    if cfg.data.input.contrastive_caption and m.kind not in ("coca", "mammut"):
+        raise config_lib.ConfigError(
+            "data.input.contrastive_caption is for captioners with a contrastive head (coca, "
+            f"mammut), not model.kind {m.kind!r}")
     if m.kind == "limoe":
         model = _build_limoe(cfg, tokenizer)
         _build_on_zeros(model, cfg)

@@ -198,3 +198,38 @@ def test_hard_negative_config_errors():
     with pytest.raises(ValueError, match="hard_negatives"):
         config(hard_negatives="small", render_text=True)
     assert config().negative_groups() == ()
+
+
+def test_contrastive_caption_is_a_second_independent_draw(label_as_text_folder):
+    """``contrastive_caption="random"``: ``text_contrastive`` is one of the example's captions,
+    drawn apart from ``text`` (here the first caption, always the same)."""
+    folder = label_as_text_folder({"train": 12}, shards=1)
+    ds = D.train_dataset(folder, config(batch_size=12, augment="none", train_caption="first",
+                                        contrastive_caption="random"))
+    first, contrastive = {}, {}
+    for batch in ds.take(12):
+        assert set(batch) == {"image", "text", "text_contrastive", "id", "label"}
+        assert batch["text_contrastive"].shape == batch["text"].shape
+        assert batch["text_contrastive"].dtype == tf.int32
+        for ident, text, other in zip(batch["id"].numpy(), detok(folder, batch["text"]),
+                                      detok(folder, batch["text_contrastive"])):
+            first.setdefault(ident, set()).add(text)
+            contrastive.setdefault(ident, set()).add(other)
+    assert all(len(texts) == 1 for texts in first.values())
+    # records with i % 3 == 2 have 3 captions, the others one
+    assert len(contrastive[b"train-2"]) >= 2 and contrastive[b"train-0"] == first[b"train-0"]
+    assert first[b"train-2"] < contrastive[b"train-2"]
+    # both random: two draws, not one caption twice
+    ds = D.train_dataset(folder, config(batch_size=12, augment="none",
+                                        contrastive_caption="random"))
+    differ = sum(a != b for batch in ds.take(6)
+                 for a, b in zip(detok(folder, batch["text"]),
+                                 detok(folder, batch["text_contrastive"])))
+    assert differ > 0
+
+
+def test_contrastive_caption_config_errors():
+    with pytest.raises(ValueError, match="contrastive_caption"):
+        config(contrastive_caption="all")
+    with pytest.raises(ValueError, match="contrastive_caption"):
+        config(contrastive_caption="random", render_text=True)
