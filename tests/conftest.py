@@ -25,12 +25,11 @@ def _first_case_only_on_jax(config, items):
     runs every case."""
     seen, kept, dropped = set(), [], []
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        if (callspec is None or item.get_closest_marker("both_backends") is None
+        if (not hasattr(item, "callspec") or item.get_closest_marker("both_backends") is None
                 or item.get_closest_marker("jax_all_cases") is not None):
             kept.append(item)
             continue
-        function = (item.nodeid.split("[", 1)[0])
+        function = item.nodeid.split("[", 1)[0]
         (dropped if function in seen else kept).append(item)
         seen.add(function)
     if dropped:

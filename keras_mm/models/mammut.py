@@ -22,8 +22,8 @@ from keras import ops
 
 from keras_mm.layers import pooling
 from keras_mm.models.captioning import ContrastiveCaptionerModel, teacher_forcing
-from keras_mm.models.two_tower import (contrastive_caption, duplicate_captions, embed_negatives,
-                                       hard_negatives, l2_normalize)
+from keras_mm.models.two_tower import (contrastive_caption, embed_negatives, l2_normalize,
+                                       softmax_extras)
 from keras_mm.training import global_batch
 
 CONTRASTIVE_LOSSES = ("softmax", "focal")
@@ -113,18 +113,14 @@ class MaMMUTModel(ContrastiveCaptionerModel):
                 **embed_negatives(self.embed_text, inputs, training)}
 
     def contrastive_share(self, x, y, y_pred, sample_weight=None, training=True):
-        negatives, duplicates = hard_negatives(y_pred), duplicate_captions(y_pred)
+        extras = softmax_extras(y_pred, self.contrastive)
         if self.contrastive == "focal":
-            if negatives or duplicates:
-                raise ValueError("hard negative captions (text_negative) and a contrastive "
-                                 "caption of its own (text_contrastive) need the softmax "
-                                 "contrastive loss, not focal")
             return global_batch.global_focal_loss(
                 y_pred["image_emb"], y_pred["text_emb"], 1.0 / self.logits.scale,
                 gamma=self.focal_gamma)
         return global_batch.global_softmax_loss(
             y_pred["image_emb"], y_pred["text_emb"], self.logits.log_scale,
-            max_scale=self.logits.max_scale, **negatives, **duplicates)
+            max_scale=self.logits.max_scale, **extras)
 
     def get_config(self):
         config = keras.Model.get_config(self)

@@ -62,6 +62,21 @@ def duplicate_captions(y_pred):
     return {"text_ids": y_pred["text_ids"]} if "text_ids" in y_pred else {}
 
 
+def softmax_extras(y_pred, loss):
+    """``global_softmax_loss`` kwargs of ``y_pred``'s hard negatives and contrastive-caption ids
+    (:func:`hard_negatives`, :func:`duplicate_captions`); ``{}`` without either.
+
+    Raises:
+      ValueError: ``y_pred`` has either and ``loss`` (the model's contrastive loss) is not
+        "softmax".
+    """
+    extras = {**hard_negatives(y_pred), **duplicate_captions(y_pred)}
+    if extras and loss != "softmax":
+        raise ValueError("hard negative captions (text_negative) and a contrastive caption of "
+                         f"its own (text_contrastive) need the softmax loss, not {loss!r}")
+    return extras
+
+
 def hard_negatives(y_pred):
     """``global_softmax_loss`` kwargs of the hard negatives in ``y_pred`` (``{}`` without)."""
     if "negative_text_emb" not in y_pred:
@@ -147,13 +162,7 @@ class TwoTowerModel(keras.Model):
         if y_pred is None:
             y_pred = self(x, training=training)
         image_emb, text_emb = y_pred["image_emb"], y_pred["text_emb"]
-        negatives = hard_negatives(y_pred)
-        duplicates = duplicate_captions(y_pred)
-        if negatives and self.loss_type != "softmax":
-            raise ValueError("hard negative captions (text_negative) need the softmax loss")
-        if duplicates and self.loss_type != "softmax":
-            raise ValueError("a contrastive caption of its own (text_contrastive) needs the "
-                             "softmax loss")
+        extras = softmax_extras(y_pred, self.loss_type)
         if self.loss_type == "sigmoid":
             loss = global_batch.global_sigmoid_loss(
                 image_emb, text_emb, self.logits.log_scale, self.logits.bias,
@@ -161,7 +170,7 @@ class TwoTowerModel(keras.Model):
         else:
             loss = global_batch.global_softmax_loss(
                 image_emb, text_emb, self.logits.log_scale, max_scale=self.logits.max_scale,
-                **negatives, **duplicates)
+                **extras)
         if self.losses:  # regularisers (none by default), split evenly over replicas
             _, replicas = global_batch.replica_info()
             loss = loss + ops.sum(self.losses) / replicas

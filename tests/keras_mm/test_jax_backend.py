@@ -15,12 +15,17 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+def _env(**extra):
+    """This process' environment for a nested pytest: without xdist's worker variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    return dict(env, **extra)
+
+
 @pytest.mark.slow
 def test_both_backends_tests_pass_on_jax():
     if os.environ.get("KERAS_BACKEND") == "jax":
         pytest.skip("already running on JAX")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    env["KERAS_BACKEND"] = "jax"
+    env = _env(KERAS_BACKEND="jax")
     # Two processes (pytest-xdist, a file each at a time): this is the longest single test.
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-m", "both_backends", "-p", "no:cacheprovider",
@@ -35,13 +40,12 @@ def test_both_backends_tests_pass_on_jax():
 
 
 def test_jax_reruns_one_case_per_test_unless_its_cases_are_models():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     collected = {}
     for backend in ("tensorflow", "jax"):
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "both_backends",
              "-p", "no:cacheprovider", "tests/keras_mm/models/test_captioners.py"],
-            cwd=ROOT, env=dict(env, KERAS_BACKEND=backend), capture_output=True, text=True,
+            cwd=ROOT, env=_env(KERAS_BACKEND=backend), capture_output=True, text=True,
             timeout=300)
         assert result.returncode == 0, result.stdout[-3000:]
         collected[backend] = [line for line in result.stdout.splitlines() if "::" in line]
