@@ -5,6 +5,7 @@
     kmm data tokenizer --dataset DIR --vocab_size N [beam flags]
     kmm bench data [--out FILE]
     kmm bench decode [--preset tiny|b16] [--kind cappa] [--batch_size N] [--length N]
+    kmm bench captioner [--preset tiny|b16] [--kinds coca,cappa,mammut,pali] [--batch_size N]
 
 Every ``kmm data`` job passes flags it does not know to Apache Beam, so
 ``--runner=DataflowRunner --project=P --region=R --temp_location=gs://...`` runs it on Dataflow.
@@ -48,6 +49,8 @@ BENCHES: Dict[str, tuple] = {
                "cached (KV) vs full re-decoding greedy tokens/s, and that the tokens match"),
     "video": ("keras_mm.bench.video",
               "video input pipeline clips/s and TubeViT / frame-average train step clips/s"),
+    "captioner": ("keras_mm.bench.captioner",
+                  "CoCa / CapPa / MaMMUT / PaLI train step examples/s, FLOPs and MFU"),
 }
 # command -> (module:function taking argv and returning a summary dict, help)
 COMMANDS: Dict[str, tuple] = {

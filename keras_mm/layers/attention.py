@@ -339,7 +339,8 @@ def fused_attention(q, k, v, mask, scale, is_causal=False, pad_to_even=None):
     TubeViT-B's 539 tokens, "Unsupported sequence length Q 539, KV 539", and Keras then fell
     back to XLA's unfused attention). Padding adds one query, whose output is dropped, and one
     zero key / value that a key mask hides (a causal mask already hides a last key from every
-    real query), so the result equals the unpadded attention."""
+    real query), so the result equals the unpadded attention. With ``pad_to_even`` a mask is
+    also broadcast to its full ``[b, ., n, s]`` (cuDNN's only mask shape)."""
     n, s = q.shape[1], k.shape[1]
     if pad_to_even is None:
         pad_to_even = _jax_platform(keras.backend.backend()) in _JAX_GPUS
@@ -350,7 +351,10 @@ def fused_attention(q, k, v, mask, scale, is_causal=False, pad_to_even=None):
     if pad_k:
         k = ops.pad(k, [(0, 0), (0, 1), (0, 0), (0, 0)])
         v = ops.pad(v, [(0, 0), (0, 1), (0, 0), (0, 0)])
-    if mask is not None and (pad_q or pad_k):
+    if mask is not None and (pad_q or pad_k or pad_to_even):
+        # cuDNN takes a mask of [., ., q, kv] only (a key-padding mask [b, 1, 1, s] made JAX
+        # 0.11 on an H100 refuse it, "Bias must have same seq length as QKV, got 1 and 228",
+        # and fall back to XLA's attention for PaLI's encoder)
         mask = ops.broadcast_to(mask, tuple(ops.shape(mask)[:2]) + (n, s))
         if pad_q:                        # the extra query attends to every real key
             mask = ops.concatenate([mask, ops.ones_like(mask[:, :, :1])], axis=2)
