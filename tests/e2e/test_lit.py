@@ -15,7 +15,9 @@ from keras_mm.training import trainer
 def test_lit_beats_from_scratch_at_equal_steps(tmp_path):
     folder = str(tmp_path / "digits")
     label_as_text.run(["--source", "digits", "--out", folder, "--vocab_size", "400"])
-    steps = ["train.steps=100", "train.steps_per_epoch=50", "train.checkpoint_every=100",
+    # 50 steps of each two-tower run: LiT 0.93 zero-shot, from scratch 0.10 (at 100 steps:
+    # 0.96 / 0.10 in 1.5x the time)
+    steps = ["train.steps=50", "train.steps_per_epoch=25", "train.checkpoint_every=50",
              "optimizer.warmup_steps=20"]
     cfg = C.override(C.get_recipe("siglip_digits"), [f"data.folder={folder}"] + steps)
     keras.utils.set_random_seed(0)
