@@ -15,11 +15,11 @@ JAX_ONLY = pytest.mark.skipif(keras.backend.backend() != "jax", reason="FLOPs ar
 
 
 def test_tiny_captioner_bench_runs(capsys):
-    assert cli.main(["bench", "captioner", "--kinds", "coca", "--steps", "1", "--warmup", "0",
+    assert cli.main(["bench", "captioner", "--kinds", "cappa", "--steps", "1", "--warmup", "0",
                      "--batch_size", "2", "--max_len", "6"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["preset"] == "tiny" and out["batch_size"] == 2 and set(out) >= {"coca"}
-    r = out["coca"]
+    assert out["preset"] == "tiny" and out["batch_size"] == 2 and set(out) >= {"cappa"}
+    r = out["cappa"]
     assert r["examples_per_second"] > 0 and r["step_time_ms"] > 0 and r["params"] > 0
     assert r["caption_tokens"] == 6
     assert r["mfu"] is None                                      # no GPU here
