@@ -145,9 +145,11 @@ def test_mirrored_strategy_equals_one_device(tmp_path, extra):
                      _fit(tmp_path, 2, "tensorflow", *extra))
 
 
-@pytest.mark.parametrize("extra", [("--loss", "sigmoid", "--chunked"), ("--loss", "softmax")])
-def test_jax_data_parallel_equals_one_device(tmp_path, extra):
-    """model.fit under keras.distribution.DataParallel on 2 host devices == one device."""
+def test_jax_data_parallel_equals_one_device(tmp_path):
+    """model.fit under keras.distribution.DataParallel on 2 host devices == one device, with the
+    chunked sigmoid loss (the ring of chunks; the softmax loss's all-gather on a JAX mesh is
+    checked in test_global_batch.py's JAX worker)."""
+    extra = ("--loss", "sigmoid", "--chunked")
     _assert_same_run(_fit(tmp_path, 1, "jax", *extra), _fit(tmp_path, 2, "jax", *extra))
 
 
