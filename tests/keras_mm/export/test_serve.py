@@ -299,15 +299,26 @@ def test_keep_alive_connection_serves_several_requests(server):
 
 def test_one_log_line_per_request(server, caplog):
     caplog.set_level(logging.INFO, logger="keras_mm.export.serve")
+
+    def lines_after(n):
+        """The log lines once there are ``n`` (each request is handled in a thread of its own,
+        which may log after the client has its response: waiting for a request's line before
+        sending the next keeps the lines in request order)."""
+        deadline = time.time() + 5
+        while True:
+            lines = [r.getMessage() for r in caplog.records if r.name == "keras_mm.export.serve"]
+            if len(lines) >= n or time.time() > deadline:
+                return lines
+            time.sleep(0.02)
+
     predict(server, GOOD)
+    assert len(lines_after(1)) == 1
     call(server, "GET", f"/v1/models/{MODEL}")
+    assert len(lines_after(2)) == 2
     predict(server, "{bad")
-    deadline = time.time() + 5
-    while time.time() < deadline:
-        lines = [r.getMessage() for r in caplog.records if r.name == "keras_mm.export.serve"]
-        if len(lines) >= 3:
-            break
-        time.sleep(0.05)
+    lines_after(3)
+    time.sleep(0.2)                                   # an extra, late line would show
+    lines = lines_after(3)
     assert len(lines) == 3, lines
     assert '"POST /v1/models/siglip_test:predict" 200' in lines[0]
     assert '"GET /v1/models/siglip_test" 200' in lines[1]
