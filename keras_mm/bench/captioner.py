@@ -214,14 +214,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
         for _ in range(args.warmup):
             for entry in models.values():
                 entry["model"].train_on_batch(entry["x"])
-        times: Dict[str, List[float]] = {kind: [] for kind in models}
-        for _ in range(args.steps):
-            for kind, entry in models.items():
-                start = time.perf_counter()
-                logs = entry["model"].train_on_batch(entry["x"], return_dict=True)
-                times[kind].append(time.perf_counter() - start)
-                if not all(float(v) == float(v) for v in logs.values()):
-                    raise FloatingPointError(f"{kind}: non-finite logs {logs}")
+        times = tt.time_train_steps({kind: (entry["model"], entry["x"])
+                                     for kind, entry in models.items()}, args.steps)
 
         backend, device, is_gpu = tt.device_info()
         peak = tt.peak_tflops(device, args.precision) if (is_gpu and backend == "jax") else None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Dict, Optional, Sequence
 
 from keras_mm.beam_jobs import job_flags
@@ -95,14 +94,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
         for _ in range(args.warmup + 1):      # builds, traces and compiles, untimed
             for model in models.values():
                 model.train_on_batch(x)
-        times = {e: [] for e in models}
-        for _ in range(args.steps):
-            for experts, model in models.items():
-                start = time.perf_counter()
-                logs = model.train_on_batch(x, return_dict=True)
-                times[experts].append(time.perf_counter() - start)
-                if not all(float(v) == float(v) for v in logs.values()):
-                    raise FloatingPointError(f"E={experts}: non-finite logs {logs}")
+        times = tt.time_train_steps({e: (model, x) for e, model in models.items()}, args.steps,
+                                    describe=lambda e: f"E={e}")
 
         backend, device, is_gpu = tt.device_info()
         flops = tt.train_flops_per_example(sizes)

@@ -219,6 +219,26 @@ def peak_tflops(device: str, precision: str) -> Optional[float]:
     return None
 
 
+def time_train_steps(models, steps: int, describe=str) -> Dict:
+    """``{name: [seconds of each timed step]}`` of ``models`` (``{name: (model, x)}``, compiled
+    and warmed up): ``steps`` rounds in which the models take turns, one
+    ``model.train_on_batch(x)`` each (the logs read back, so the step has finished), so that
+    other load on the machine hits them alike.
+
+    Raises:
+      FloatingPointError: a step logged a NaN (``describe(name)`` names the model).
+    """
+    times = {name: [] for name in models}
+    for _ in range(steps):
+        for name, (model, x) in models.items():
+            start = time.perf_counter()
+            logs = model.train_on_batch(x, return_dict=True)  # numpy: the step has finished
+            times[name].append(time.perf_counter() - start)
+            if not all(float(v) == float(v) for v in logs.values()):
+                raise FloatingPointError(f"{describe(name)}: non-finite logs {logs}")
+    return times
+
+
 def _to_device(x):
     from keras import ops
     return ops.convert_to_tensor(x)
@@ -259,14 +279,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
                 model.train_on_batch(x)
         for model, x in models.values():
             model.train_on_batch(x)  # at least one untimed step even with --warmup 0
-        times = {name: [] for name in models}
-        for _ in range(args.steps):
-            for name, (model, x) in models.items():
-                start = time.perf_counter()
-                logs = model.train_on_batch(x, return_dict=True)  # numpy: the step has finished
-                times[name].append(time.perf_counter() - start)
-                if not all(float(v) == float(v) for v in logs.values()):
-                    raise FloatingPointError(f"{name}: non-finite logs {logs}")
+        times = time_train_steps(models, args.steps)
 
         backend, device, is_gpu = device_info()
         flops = train_flops_per_example(sizes)

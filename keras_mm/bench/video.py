@@ -26,7 +26,7 @@ import argparse
 import statistics
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from keras_mm.beam_jobs import job_flags
 from keras_mm.bench import two_tower as tt
@@ -183,14 +183,7 @@ def bench_train(args, sizes: Dict) -> Dict:
         for _ in range(args.warmup + 1):
             for model, x in models.values():
                 model.train_on_batch(x)
-        times: Dict[str, List[float]] = {name: [] for name in models}
-        for _ in range(args.steps):
-            for name, (model, x) in models.items():
-                start = time.perf_counter()
-                logs = model.train_on_batch(x, return_dict=True)
-                times[name].append(time.perf_counter() - start)
-                if not all(float(v) == float(v) for v in logs.values()):
-                    raise FloatingPointError(f"{name}: non-finite logs {logs}")
+        times = tt.time_train_steps(models, args.steps)
         backend, device, is_gpu = tt.device_info()
         peak = tt.peak_tflops(device, args.precision) if (is_gpu and backend == "jax") else None
         out: Dict = {"backend": backend, "device": device}
