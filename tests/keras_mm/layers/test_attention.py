@@ -176,3 +176,27 @@ def test_even_padding_for_fused_attention_changes_nothing(n, s, masking):
                               pad_to_even=pad)
         assert tuple(out.shape) == (2, n, 3, 4)
         np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+
+
+def test_fused_attention_hands_cudnn_full_shape_masks(monkeypatch):
+    """cuDNN takes only a ``[b, ., q, kv]`` mask: on a JAX GPU (``pad_to_even``) a key-padding
+    mask ``[b, 1, 1, s]`` reaches ``ops.dot_product_attention`` broadcast to ``[b, 1, n, s]``,
+    also when no count is odd; elsewhere it passes as it is."""
+    from keras_mm.layers import attention as att
+
+    seen = []
+    real = att.ops.dot_product_attention
+
+    def spy(q, k, v, mask=None, **kwargs):
+        seen.append(None if mask is None else tuple(mask.shape))
+        return real(q, k, v, mask=mask, **kwargs)
+
+    monkeypatch.setattr(att.ops, "dot_product_attention", spy)
+    q, k, v = _x(2, 4, 3, 4), _x(2, 6, 3, 4), _x(2, 6, 3, 4)
+    keep = np.ones((2, 6), bool)
+    keep[0, -2:] = False
+    mask = attention_mask(keep, False, 4, 6)
+    assert tuple(mask.shape) == (2, 1, 1, 6)
+    att.fused_attention(q, k, v, mask, 0.5, pad_to_even=True)
+    att.fused_attention(q, k, v, mask, 0.5, pad_to_even=False)
+    assert seen == [(2, 1, 4, 6), (2, 1, 1, 6)]
