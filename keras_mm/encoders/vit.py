@@ -35,7 +35,7 @@ from keras_mm.layers.transformer_encoder import TransformerEncoder
 
 POOLS = ("cls", "gap", "map")
 POS_EMBEDDINGS = ("learned", "sincos2d")
-STEMS = ("patch", "conv")
+STEMS = ("patch", "conv", "cnn")
 
 
 @keras.saving.register_keras_serializable(package="keras_mm")
@@ -76,8 +76,10 @@ class ViTEncoder(keras.Model):
             ``keras_mm.layers.cropped_position_embedding``): the upsampling factor of the
             learned position grid before a random crop is resized back (0 = off; RO-ViT: 224 ->
             1024, about 4.6).
-        stem: ``"patch"`` (the patchify convolution) or ``"conv"`` (Xiao et al. 2021's
-            convolutional stem, ``keras_mm.layers.conv_stem``; square power-of-two patches).
+        stem: ``"patch"`` (the patchify convolution), ``"conv"`` (Xiao et al. 2021's
+            convolutional stem, ``keras_mm.layers.conv_stem``; square power-of-two patches) or
+            ``"cnn"`` (the hybrid ViT's small CNN: stride-1 3x3 convolutions and 2x2
+            max-pooling, ``ConvStem(downsample="max_pool")``; square power-of-two patches).
 
     ``patch_sizes``, ``base_patch_size``, ``block``, ``position_crop`` and ``stem`` appear in the config
     only when set, so
@@ -130,16 +132,17 @@ class ViTEncoder(keras.Model):
         self.crop_seed = keras.random.SeedGenerator() if self.position_crop else None
         self.active_patch_size = None     # (p_h, p_w) from set_patch_size(); None = patch_size
 
-        if stem not in STEMS or (stem == "conv" and self.patch_sizes is not None):
-            raise ValueError(f"stem must be one of {STEMS} (conv: not with patch_sizes), "
+        if stem not in STEMS or (stem != "patch" and self.patch_sizes is not None):
+            raise ValueError(f"stem must be one of {STEMS} (conv, cnn: not with patch_sizes), "
                              f"got {stem!r}")
         self.stem = stem
         policy = self.dtype_policy
-        if stem == "conv":
+        if stem in ("conv", "cnn"):
             if self.patch_size[0] != self.patch_size[1]:
-                raise ValueError(f"a conv stem needs square patches, got {self.patch_size}")
-            self.patch_embedding = ConvStem(self.patch_size[0], self.width, dtype=policy,
-                                            name="patch_embedding")
+                raise ValueError(f"a {stem} stem needs square patches, got {self.patch_size}")
+            self.patch_embedding = ConvStem(
+                self.patch_size[0], self.width, dtype=policy, name="patch_embedding",
+                downsample="stride" if stem == "conv" else "max_pool")
         elif self.patch_sizes is None:
             self.patch_embedding = PatchEmbedding(self.patch_size, self.width,
                                                   implementation=patch_impl, dtype=policy,

@@ -192,8 +192,9 @@ class ModelConfig:
         tower and logit scale start a fresh run (``models.video.initialize_video_tower``).
       embed_dim: shared embedding width; None: the preset's.
       remat: rematerialise each transformer block in the backward pass.
-      stem: the image encoder's stem: "patch" (ViT's patchify convolution) or "conv" (Xiao et
-        al. 2021's stack of 3x3 stride-2 convolutions, ``keras_mm.layers.conv_stem``), for the
+      stem: the image encoder's stem: "patch" (ViT's patchify convolution), "conv" (Xiao et
+        al. 2021's stack of 3x3 stride-2 convolutions, ``keras_mm.layers.conv_stem``) or "cnn"
+        (the hybrid ViT's small CNN: stride-1 3x3 convolutions and 2x2 max-pooling), for the
         two-tower models and the captioners.
       patch_size: the image encoder's patch size; None: the preset's.
       moe: the mixture-of-experts settings of "limoe".
@@ -210,7 +211,7 @@ class ModelConfig:
     init_checkpoint: Optional[str] = None
     embed_dim: Optional[int] = None
     remat: bool = False
-    stem: Literal["patch", "conv"] = "patch"
+    stem: Literal["patch", "conv", "cnn"] = "patch"
     patch_size: Optional[int] = None
     moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
     captioner: CaptionerConfig = dataclasses.field(default_factory=CaptionerConfig)

@@ -31,8 +31,9 @@ from keras_mm.pipelines.tokenizer import Tokenizer, train_sentencepiece
 
 MAX_LEN = 12                       # tokens incl. BOS / EOS: captions of at most 11 tokens
 IMAGE = dict(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64)
-# the recipes' convolutional stem on two of the four, the patchify stem on the others
-CONV_STEM = {"cappa": dict(stem="conv"), "mammut": dict(stem="conv")}
+# the recipes' convolutional stem on two of the four, the hybrid CNN stem on CoCa, the
+# patchify stem on the PaLI-style model
+CONV_STEM = {"cappa": dict(stem="conv"), "mammut": dict(stem="conv"), "coca": dict(stem="cnn")}
 DECODER = dict(width=32, depth=2, heads=2, mlp_dim=64)
 # kind -> (decoder overrides, model kwargs, export kwargs). CoCa keeps the preset's 2 unimodal
 # blocks and needs one multimodal block after them; CapPa exports beam search, MaMMUT a shorter
