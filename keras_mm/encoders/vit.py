@@ -36,6 +36,8 @@ from keras_mm.layers.transformer_encoder import TransformerEncoder
 POOLS = ("cls", "gap", "map")
 POS_EMBEDDINGS = ("learned", "sincos2d")
 STEMS = ("patch", "conv", "cnn")
+# the convolutional stems: ConvStem's downsampling of each
+CONV_STEM_DOWNSAMPLING = {"conv": "stride", "cnn": "max_pool"}
 
 
 @keras.saving.register_keras_serializable(package="keras_mm")
@@ -137,12 +139,12 @@ class ViTEncoder(keras.Model):
                              f"got {stem!r}")
         self.stem = stem
         policy = self.dtype_policy
-        if stem in ("conv", "cnn"):
+        if stem in CONV_STEM_DOWNSAMPLING:
             if self.patch_size[0] != self.patch_size[1]:
                 raise ValueError(f"a {stem} stem needs square patches, got {self.patch_size}")
             self.patch_embedding = ConvStem(
                 self.patch_size[0], self.width, dtype=policy, name="patch_embedding",
-                downsample="stride" if stem == "conv" else "max_pool")
+                downsample=CONV_STEM_DOWNSAMPLING[stem])
         elif self.patch_sizes is None:
             self.patch_embedding = PatchEmbedding(self.patch_size, self.width,
                                                   implementation=patch_impl, dtype=policy,

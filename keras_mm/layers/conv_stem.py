@@ -25,18 +25,6 @@ from keras import ops
 DOWNSAMPLING = ("stride", "max_pool")
 
 
-def _conv3x3_stride1(x, kernel, bias):
-    """3x3 convolution of stride 1 with "same" padding (1 on every side) of ``x [b, h, w, c]``
-    -> ``[b, h, w, c_out]``, as nine shifted slices and one matmul (see
-    :func:`_conv3x3_stride2`)."""
-    h, w = x.shape[1], x.shape[2]
-    xp = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    taps = [xp[:, di:di + h, dj:dj + w, :] for di in range(3) for dj in range(3)]
-    cols = ops.concatenate(taps, axis=-1)                              # [b, h, w, 9 c]
-    flat = ops.reshape(ops.cast(kernel, x.dtype), (-1, kernel.shape[-1]))  # (di, dj, c) order
-    return ops.matmul(cols, flat) + ops.cast(bias, x.dtype)
-
-
 def _max_pool2x2(x):
     """2x2 max-pooling of stride 2 of ``x [b, h, w, c]`` (h, w even) -> ``[b, h/2, w/2, c]``."""
     # elementwise maxima of the four strided slices, not ops.max over a reshape: Keras refuses
@@ -45,17 +33,19 @@ def _max_pool2x2(x):
                        ops.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
 
 
-def _conv3x3_stride2(x, kernel, bias):
-    """3x3 convolution of stride 2 with "same" padding (0 before, 1 after: TensorFlow's and
-    XLA's SAME on an even side) of ``x [b, h, w, c]`` (h, w even) -> ``[b, h/2, w/2, c_out]``.
+def _conv3x3(x, kernel, bias, stride):
+    """3x3 convolution with "same" padding of ``x [b, h, w, c]`` -> ``[b, h/s, w/s, c_out]``.
+    Stride 1 pads 1 on every side; stride 2 (h, w even) pads 0 before and 1 after (TensorFlow's
+    and XLA's SAME on an even side).
 
     Written as nine strided slices and one matmul rather than ``ops.conv``: TensorFlow's CPU
     convolution returns its input unchanged for an empty batch, which broke exported models
     called with zero images."""
     h, w = x.shape[1], x.shape[2]
-    xp = ops.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    taps = [xp[:, di:di + h:2, dj:dj + w:2, :] for di in range(3) for dj in range(3)]
-    cols = ops.concatenate(taps, axis=-1)                              # [b, h/2, w/2, 9 c]
+    before = 1 if stride == 1 else 0
+    xp = ops.pad(x, ((0, 0), (before, 1), (before, 1), (0, 0)))
+    taps = [xp[:, di:di + h:stride, dj:dj + w:stride, :] for di in range(3) for dj in range(3)]
+    cols = ops.concatenate(taps, axis=-1)                              # [b, h/s, w/s, 9 c]
     flat = ops.reshape(ops.cast(kernel, x.dtype), (-1, kernel.shape[-1]))  # (di, dj, c) order
     return ops.matmul(cols, flat) + ops.cast(bias, x.dtype)
 
@@ -122,9 +112,9 @@ class ConvStem(keras.layers.Layer):
         x = images[:, :gh * p, :gw * p, :]
         for kernel, bias, norm in zip(self.kernels, self.biases, self.norms):
             if self.downsample == "stride":
-                x = ops.relu(norm(_conv3x3_stride2(x, kernel, bias)))
+                x = ops.relu(norm(_conv3x3(x, kernel, bias, stride=2)))
             else:
-                x = _max_pool2x2(ops.relu(norm(_conv3x3_stride1(x, kernel, bias))))
+                x = _max_pool2x2(ops.relu(norm(_conv3x3(x, kernel, bias, stride=1))))
         x = ops.matmul(x, ops.cast(self.out_kernel, x.dtype)) + ops.cast(self.out_bias, x.dtype)
         return ops.reshape(x, (-1, gh * gw, self.width))
 
