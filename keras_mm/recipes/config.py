@@ -114,6 +114,9 @@ class CaptionerConfig:
       decode: "greedy", "beam" or "sample" (evaluation and export).
       beam_size, length_penalty: beam search (GNMT length penalty alpha).
       max_decode_len: longest generated caption in tokens; None: the decoder's.
+      num_caption_queries: CoCa's captioning queries N (the attentional pooler's outputs the
+        multimodal blocks cross-attend to); None: the preset's (tiny 16 for 64 image tokens,
+        b16 256 as the paper).
     """
 
     blind: bool = False
@@ -128,8 +131,11 @@ class CaptionerConfig:
     beam_size: int = 4
     length_penalty: float = 0.6
     max_decode_len: Optional[int] = None
+    num_caption_queries: Optional[int] = None
 
     def __post_init__(self):
+        _check(self.num_caption_queries is None or self.num_caption_queries >= 1,
+               f"num_caption_queries must be >= 1, got {self.num_caption_queries}")
         _check(self.parallel_fraction is None or 0.0 <= self.parallel_fraction <= 1.0,
                f"parallel_fraction must be in [0, 1], got {self.parallel_fraction}")
         _check(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}")

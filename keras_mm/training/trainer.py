@@ -135,6 +135,10 @@ def _build_captioner(cfg, tokenizer):
             kwargs["embed_dim"] = m.embed_dim
     if m.kind == "coca":
         kwargs["loss"] = m.loss
+        if c.num_caption_queries is not None:
+            kwargs["num_caption_queries"] = c.num_caption_queries
+    elif c.num_caption_queries is not None:
+        raise config_lib.ConfigError("model.captioner.num_caption_queries is CoCa's option")
     if m.kind == "mammut":
         kwargs.update(contrastive=c.contrastive, focal_gamma=c.focal_gamma)
     if m.kind == "cappa" and c.parallel_fraction is not None:
