@@ -122,8 +122,7 @@ def _fit(tmp_path, replicas, backend="tensorflow", *extra):
                              *extra], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     logs = json.loads(result.stdout.strip().splitlines()[-1])["logs"]
-    weights = np.load(out)
-    return logs, [weights[k] for k in sorted(weights.files, key=lambda s: int(s.split("_")[1]))]
+    return logs, _load_weights(out)
 
 
 def _assert_same_run(a, b, atol=1e-4):
@@ -137,12 +136,40 @@ def _assert_same_run(a, b, atol=1e-4):
         np.testing.assert_allclose(x, y, atol=atol)
 
 
-@pytest.mark.parametrize("extra", [("--loss", "sigmoid"), ("--loss", "sigmoid", "--chunked"),
-                                   ("--loss", "softmax")])
-def test_mirrored_strategy_equals_one_device(tmp_path, extra):
+def _load_weights(path):
+    weights = np.load(path)
+    return [weights[k] for k in sorted(weights.files, key=lambda s: int(s.split("_")[1]))]
+
+
+MIRRORED_SETTINGS = ("sigmoid", "sigmoid:chunked", "softmax")
+
+
+@pytest.fixture(scope="module")
+def tf_fits(tmp_path_factory):
+    """{replicas: {setting tag: (logs, weights)}}: every MIRRORED_SETTINGS fit on one device and
+    on 2 MirroredStrategy replicas, one subprocess per replica count (not one per setting)."""
+    tmp = tmp_path_factory.mktemp("tf_fits")
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=str(ROOT),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    fits = {}
+    for replicas in (1, 2):
+        out = tmp / f"replicas{replicas}.npz"
+        runs = [a for setting in MIRRORED_SETTINGS for a in ("--run", setting)]
+        result = subprocess.run([sys.executable, str(SCRIPT), str(out), "--replicas",
+                                 str(replicas), *runs], env=env, capture_output=True, text=True,
+                                timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs = json.loads(result.stdout.strip().splitlines()[-1])["runs"]
+        fits[replicas] = {tag: (tag_logs, _load_weights(str(out).replace(".npz", f"_{tag}.npz")))
+                          for tag, tag_logs in logs.items()}
+    return fits
+
+
+@pytest.mark.parametrize("setting", MIRRORED_SETTINGS)
+def test_mirrored_strategy_equals_one_device(tf_fits, setting):
     """model.fit on 2 replicas (MirroredStrategy) == one device on the same global batch."""
-    _assert_same_run(_fit(tmp_path, 1, "tensorflow", *extra),
-                     _fit(tmp_path, 2, "tensorflow", *extra))
+    tag = setting.replace(":", "_")
+    _assert_same_run(tf_fits[1][tag], tf_fits[2][tag])
 
 
 def test_jax_data_parallel_equals_one_device(tmp_path):
@@ -162,7 +189,7 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_multi_worker_two_processes_equal_one_process(tmp_path):
+def test_multi_worker_two_processes_equal_one_process(tmp_path, tf_fits):
     """Two workers on 127.0.0.1 (TF_CONFIG, MultiWorkerMirroredStrategy) end with the same
     weights as one process on the same global batches, and each logs the same losses, pair
     accuracy, t and b as the one process (1e-4)."""
@@ -181,12 +208,9 @@ def test_multi_worker_two_processes_equal_one_process(tmp_path):
         out, err = proc.communicate(timeout=400)
         assert proc.returncode == 0, err[-3000:]
         outputs.append(json.loads(out.strip().splitlines()[-1])["logs"])
-    single_logs, single_weights = _fit(tmp_path, 1, "tensorflow", "--loss", "sigmoid")
+    single_logs, single_weights = tf_fits[1]["sigmoid"]      # the same fit on one process
     for index in range(2):
-        weights = np.load(tmp_path / f"worker{index}.npz")
-        for x, y in zip([weights[k] for k in sorted(weights.files,
-                                                    key=lambda s: int(s.split("_")[1]))],
-                        single_weights):
+        for x, y in zip(_load_weights(tmp_path / f"worker{index}.npz"), single_weights):
             np.testing.assert_allclose(x, y, atol=1e-4)
     assert len(single_logs) == len(outputs[0]) == len(outputs[1]) == 3
     for step, one in enumerate(single_logs):

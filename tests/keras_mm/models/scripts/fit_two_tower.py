@@ -1,6 +1,11 @@
 """Fit a small TwoTowerModel for a few steps on a fixed global batch; print losses as JSON.
 
     python fit_two_tower.py OUT.npz --replicas 2 --loss sigmoid [--chunked]
+    python fit_two_tower.py OUT.npz --replicas 2 --run sigmoid --run sigmoid:chunked --run softmax
+
+With ``--run LOSS[:chunked]`` (repeatable; TensorFlow, not multi-worker) one process fits each
+setting in turn, a fresh model each, and writes OUT_LOSS[_chunked].npz per setting: one TF start and
+one strategy for all of them. The printed JSON then has ``runs``: {LOSS[_chunked]: logs}.
 
 TensorFlow backend: --replicas R > 1 uses MirroredStrategy over R logical CPU devices.
 JAX backend (KERAS_BACKEND=jax, XLA_FLAGS=--xla_force_host_platform_device_count=R):
@@ -17,6 +22,8 @@ parser.add_argument("out")
 parser.add_argument("--replicas", type=int, default=1)
 parser.add_argument("--loss", default="sigmoid")
 parser.add_argument("--chunked", action="store_true")
+parser.add_argument("--run", action="append", default=[],
+                    help="LOSS or LOSS:chunked; repeatable (several settings in one process)")
 parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--multi_worker", action="store_true",
                     help="MultiWorkerMirroredStrategy from TF_CONFIG (one replica per process)")
@@ -44,13 +51,13 @@ images = rng.normal(size=(args.steps, GLOBAL_BATCH, 16, 16, 3)).astype("float32"
 texts = rng.integers(4, 50, size=(args.steps, GLOBAL_BATCH, 6)).astype("int32")
 
 
-def build():
+def build(loss=args.loss, chunked=args.chunked):
     keras.utils.set_random_seed(7)
     image = ViTEncoder(image_size=16, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64,
                        pool="gap", output_dim=16)
     text = TextEncoder(vocab_size=50, max_len=6, width=32, depth=1, heads=2, mlp_dim=64,
                        pool="last", output_dim=16)
-    model = TwoTowerModel(image, text, loss=args.loss, chunked=args.chunked)
+    model = TwoTowerModel(image, text, loss=loss, chunked=chunked)
     model.compile(optimizer=keras.optimizers.SGD(0.5))
     return model
 
@@ -85,9 +92,24 @@ elif backend == "tensorflow":
     strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(args.replicas)])
                 if args.replicas > 1 else tf.distribute.get_strategy())
     assert strategy.num_replicas_in_sync == args.replicas
+    ds = tf.data.Dataset.from_tensor_slices({"image": images, "text": texts})
+    if args.run:
+        runs = {}
+        for setting in args.run:
+            loss, _, chunked = setting.partition(":")
+            assert chunked in ("", "chunked"), setting
+            tag = loss + ("_chunked" if chunked else "")
+            with strategy.scope():
+                model = build(loss, bool(chunked))
+            recorder = Recorder()
+            model.fit(ds, epochs=1, verbose=0, callbacks=[recorder], shuffle=False)
+            np.savez(args.out.replace(".npz", f"_{tag}.npz"),
+                     *[keras.ops.convert_to_numpy(w) for w in model.weights])
+            runs[tag] = recorder.logs
+        print(json.dumps({"backend": backend, "runs": runs}))
+        sys.exit(0)
     with strategy.scope():
         model = build()
-    ds = tf.data.Dataset.from_tensor_slices({"image": images, "text": texts})
     model.fit(ds, epochs=1, verbose=0, callbacks=[recorder], shuffle=False)
 else:
     import jax
