@@ -159,9 +159,9 @@ def tf_fits(tmp_path_factory):
                                  str(replicas), *runs], env=env, capture_output=True, text=True,
                                 timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
-        logs = json.loads(result.stdout.strip().splitlines()[-1])["runs"]
-        fits[replicas] = {tag: (tag_logs, _load_weights(str(out).replace(".npz", f"_{tag}.npz")))
-                          for tag, tag_logs in logs.items()}
+        done = json.loads(result.stdout.strip().splitlines()[-1])["runs"]
+        fits[replicas] = {tag: (run["logs"], _load_weights(run["weights"]))
+                          for tag, run in done.items()}
     return fits
 
 

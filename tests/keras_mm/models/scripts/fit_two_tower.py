@@ -5,7 +5,8 @@
 
 With ``--run LOSS[:chunked]`` (repeatable; TensorFlow, not multi-worker) one process fits each
 setting in turn, a fresh model each, and writes OUT_LOSS[_chunked].npz per setting: one TF start and
-one strategy for all of them. The printed JSON then has ``runs``: {LOSS[_chunked]: logs}.
+one strategy for all of them. The printed JSON then has ``runs``: {LOSS[_chunked]: {"logs": logs,
+"weights": that .npz path}}.
 
 TensorFlow backend: --replicas R > 1 uses MirroredStrategy over R logical CPU devices.
 JAX backend (KERAS_BACKEND=jax, XLA_FLAGS=--xla_force_host_platform_device_count=R):
@@ -103,9 +104,9 @@ elif backend == "tensorflow":
                 model = build(loss, bool(chunked))
             recorder = Recorder()
             model.fit(ds, epochs=1, verbose=0, callbacks=[recorder], shuffle=False)
-            np.savez(args.out.replace(".npz", f"_{tag}.npz"),
-                     *[keras.ops.convert_to_numpy(w) for w in model.weights])
-            runs[tag] = recorder.logs
+            path = args.out.replace(".npz", f"_{tag}.npz")
+            np.savez(path, *[keras.ops.convert_to_numpy(w) for w in model.weights])
+            runs[tag] = {"logs": recorder.logs, "weights": path}
         print(json.dumps({"backend": backend, "runs": runs}))
         sys.exit(0)
     with strategy.scope():
