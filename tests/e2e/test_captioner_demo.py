@@ -7,14 +7,14 @@ import os
 
 import pytest
 
-from tests.e2e.test_demo import SHORT, _kmm
+from tests.e2e.test_demo import SHORT, SMALL_BATCH, _kmm
 
 
 @pytest.mark.slow
 def test_pali_demo(tmp_path):
     out = tmp_path / "demo"
     result = _kmm("demo", "--model", "pali", "--out", str(out), "--scenes", "300,30,40",
-                  *SHORT, "--set", "eval.batch_size=40")
+                  *SHORT, *SMALL_BATCH, "--set", "eval.batch_size=40")
     assert "[5/5]" in result.stdout
     summary = json.load(open(out / "summary.json"))
     assert summary["model"] == "pali" and summary["train_steps"] == 20

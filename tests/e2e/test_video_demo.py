@@ -8,11 +8,7 @@ import os
 
 import pytest
 
-from tests.e2e.test_demo import SHORT, _kmm
-
-# 16 clips a step instead of the recipes' 64: the path is the same, each step a quarter of the
-# work (a step of 64 clips of 8 frames took 1-2 s on 2 cores)
-SMALL_BATCH = ["--set", "data.input.batch_size=16"]
+from tests.e2e.test_demo import SHORT, SMALL_BATCH, _kmm
 
 
 @pytest.mark.slow
